@@ -1,0 +1,29 @@
+"""sparse_peft: sparse fine-tuning methods for Hugging Face PEFT.
+
+Importing this package registers the methods with PEFT (safe to repeat), so that
+`get_peft_model`, `PeftModel.from_pretrained` and `AutoPeftModelForCausalLM` know `SparseConfig`
+and adapters saved with it. Import it before loading such an adapter.
+"""
+
+from ._peft import SparsePeftType, register
+from .config import SparseConfig
+from .delta import Delta
+from .layer import Conv2d, Linear, SparseLayer
+from .methods import METHODS
+from .model import SparseModel
+from .version import __version__
+
+
+register(SparseConfig, SparseModel)
+
+__all__ = [
+    "METHODS",
+    "Conv2d",
+    "Delta",
+    "Linear",
+    "SparseConfig",
+    "SparseLayer",
+    "SparseModel",
+    "SparsePeftType",
+    "__version__",
+]

@@ -1,0 +1,219 @@
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from ._peft import SparsePeftType
+from .methods import METHODS
+from .selection import SELECTION_RULES
+from .version import __version__
+
+
+STRUCTURES = ("unstructured", "rows", "columns", "none")
+
+# What a field is when neither the user nor the method sets it.
+_GENERAL_DEFAULTS = dict(structure="unstructured", selection="random", density=0.01, r=0)
+
+
+@dataclass
+class SparseConfig(PeftConfig):
+    """
+    This is the configuration class to store the configuration of a [`SparseModel`].
+
+    A sparse adapter trains, on each target layer, an update ΔW made of a sparse part (single
+    entries, whole output rows or whole input columns) and an optional low-rank part. `method`
+    picks a published recipe; every general field it sets can still be overridden.
+
+    Args:
+        method (`str`, *optional*):
+            One of "spiel", "s2ft", "dsee", "sara", "lora_ggpo", "sltrain", or None for the general
+            fields alone.
+        structure (`str`, *optional*, defaults to `"unstructured"`):
+            Shape of the sparse part: "unstructured" (single entries), "rows" (whole output rows),
+            "columns" (whole input columns) or "none" (low-rank only).
+        density (`float`, *optional*, defaults to `0.01`):
+            Fraction of each target weight's entries (unstructured), rows or columns that train.
+        equivalent_rank (`int`, *optional*):
+            If set, replaces `density`: each layer trains as many sparse parameters as a LoRA of this
+            rank would, r·(in + out).
+        selection (`str`, *optional*, defaults to `"random"`):
+            How the support is chosen: "random", "magnitude" (largest |w|) or "small_magnitude".
+        r (`int`, *optional*, defaults to `0`):
+            Rank of the low-rank part; 0 for none.
+        lora_alpha (`float`, *optional*):
+            The low-rank part is scaled by lora_alpha / r; defaults to r (a scale of 1).
+        seed (`int`, defaults to `0`):
+            Seed of the random supports; each module derives its own from it and its name.
+        init_weights (`bool`, defaults to `True`):
+            True starts from ΔW = 0. False starts from random non-zero values (for tests).
+        target_modules (`Union[list[str], str]`, *optional*):
+            Module names, a regex, or "all-linear" (every linear layer but the output head).
+        exclude_modules (`Union[list[str], str]`, *optional*):
+            Module names or a regex of modules never to adapt.
+        layers_to_transform (`Union[list[int], int]`, *optional*):
+            Only adapt layers with these indices.
+        layers_pattern (`Union[list[str], str]`, *optional*):
+            Name of the layer list, with `layers_to_transform`, if it is not the usual one.
+        bias (`str`, defaults to `"none"`):
+            "none", "all" or "sparse_only": which biases also train.
+        modules_to_save (`list[str]`, *optional*):
+            Modules besides the adapted layers that train and are saved whole.
+        trainable_token_indices (`Union[list[int], dict[str, list[int]]]`, *optional*):
+            Token rows of the embedding to train (TRL sets this when a chat template adds tokens).
+    """
+
+    method: Optional[Literal["spiel", "s2ft", "dsee", "sara", "lora_ggpo", "sltrain"]] = field(
+        default=None,
+        metadata={
+            "help": "Published recipe: 'spiel', 's2ft', 'dsee', 'sara', 'lora_ggpo' or 'sltrain'. Its values fill "
+            "every general field left unset. None uses the general fields alone."
+        },
+    )
+    structure: Optional[Literal["unstructured", "rows", "columns", "none"]] = field(
+        default=None,
+        metadata={
+            "help": "Shape of the sparse part: 'unstructured' (single entries), 'rows' (output rows), 'columns' "
+            "(input columns) or 'none' (low-rank only). Defaults to the method's, else 'unstructured'."
+        },
+    )
+    density: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Fraction of each target weight's entries (unstructured), rows or columns that train, in (0, 1]. "
+            "Defaults to the method's, else 0.01."
+        },
+    )
+    equivalent_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "If set, replaces `density`: each layer trains as many sparse parameters as a LoRA of this rank "
+            "would, r*(in + out). Useful to compare with LoRA at an equal budget."
+        },
+    )
+    selection: Optional[Literal["random", "magnitude", "small_magnitude"]] = field(
+        default=None,
+        metadata={
+            "help": "How the support is chosen: 'random', 'magnitude' (largest |w|, or row/column norms) or "
+            "'small_magnitude' (smallest). Defaults to the method's, else 'random'."
+        },
+    )
+    r: Optional[int] = field(
+        default=None,
+        metadata={"help": "Rank of the low-rank part (B @ A); 0 for none. Defaults to the method's, else 0."},
+    )
+    lora_alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "The low-rank part is scaled by lora_alpha / r. Defaults to r, a scale of 1."},
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the random supports; each module derives its own from it and its name."},
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": "True starts from a zero update (the model is unchanged). False starts from random non-zero "
+            "values, which only tests want."
+        },
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": "Names of the modules to adapt, a regex over full module names, or 'all-linear' for every linear "
+            "layer except the output head. Defaults to the architecture's attention projections."
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Names of modules, or a regex, never to adapt."},
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Only adapt the layers with these indices in the model's layer list."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the layer list (e.g. 'layers', 'h'), with layers_to_transform, if not the usual."},
+    )
+    bias: Literal["none", "all", "sparse_only"] = field(
+        default="none",
+        metadata={"help": "Which biases also train: 'none', 'all', or 'sparse_only' (those of adapted layers)."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Modules besides the adapted layers that train and are saved whole, e.g. a classifier head."},
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={
+            "help": "Token rows of the embedding to train, as a list of ids or {module name: ids}. TRL sets this when "
+            "a chat template adds tokens."
+        },
+    )
+    sparse_peft_version: Optional[str] = field(
+        default=None,
+        metadata={"help": "Version of sparse_peft that created the adapter; filled in automatically."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = SparsePeftType.SPARSE
+        if self.sparse_peft_version is None:
+            self.sparse_peft_version = __version__
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        self._apply_method()
+        self._validate()
+
+    def _apply_method(self) -> None:
+        defaults = dict(_GENERAL_DEFAULTS)
+        if self.method is not None:
+            if self.method not in METHODS:
+                raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)} or None")
+            method = METHODS[self.method]
+            defaults.update(method.defaults)
+            if method.missing and not self.inference_mode:
+                warnings.warn(f"method={self.method!r} is incomplete in this release: {method.missing}.", stacklevel=3)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def _validate(self) -> None:
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure={self.structure!r} is not one of {STRUCTURES}")
+        if self.selection not in SELECTION_RULES:
+            raise ValueError(f"selection={self.selection!r} is not one of {SELECTION_RULES}")
+        if not isinstance(self.r, int) or self.r < 0:
+            raise ValueError(f"r={self.r!r} must be an integer >= 0 (0 disables the low-rank part)")
+        if self.structure == "none" and self.r == 0:
+            raise ValueError("structure='none' trains no sparse part, so r must be > 0; or pick a structure")
+        if self.equivalent_rank is not None:
+            if not isinstance(self.equivalent_rank, int) or self.equivalent_rank <= 0:
+                raise ValueError(f"equivalent_rank={self.equivalent_rank!r} must be a positive integer or None")
+        elif not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
+            raise ValueError(f"density={self.density!r} must be in (0, 1], e.g. 0.01 for 1% of the entries")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
+        if self.bias not in ("none", "all", "sparse_only"):
+            raise ValueError(f"bias={self.bias!r} must be 'none', 'all' or 'sparse_only'")
+        if self.layers_pattern and not self.layers_to_transform:
+            raise ValueError("layers_pattern only applies together with layers_to_transform")
+
+    @property
+    def scaling(self) -> float:
+        return (self.lora_alpha if self.lora_alpha is not None else self.r) / self.r if self.r else 0.0
+
+    def budget(self, structure: str, out_features: int, in_features: int) -> int:
+        """How many entries (unstructured), rows or columns a layer of this shape trains."""
+        size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
+        if self.equivalent_rank is not None:
+            per_unit = {"unstructured": 1, "rows": in_features, "columns": out_features}[structure]
+            k = self.equivalent_rank * (in_features + out_features) // per_unit
+        else:
+            k = round(self.density * size)
+        return min(size, max(1, k))

@@ -1,0 +1,164 @@
+"""One adapter's weight update on one layer, and the arithmetic on it.
+
+A `Delta` is a read-only view over the tensors that a layer stores for one adapter. Its update
+ΔW (out × in, in linear orientation) is the sum of whichever parts are present:
+
+- unstructured: `values` at flat row-major `indices` (int32, sorted, unique),
+- rows:         a dense block (s × in) on the output rows `row_index`,
+- columns:      a dense block (out × s) on the input columns `col_index`,
+- low-rank:     scaling · lora_B @ lora_A.
+
+The layer owns the storage (PEFT needs it in per-adapter dicts); this module owns the math:
+the forward update through `ops`, adding ΔW into a weight, and the checks a stored delta must pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from . import ops
+
+
+# Names of the per-adapter tensors on a layer, as stored (and as they appear in adapter files).
+VALUES, INDICES = "sparse_values", "sparse_indices"
+ROW_BLOCK, ROW_INDEX = "sparse_row_block", "sparse_row_index"
+COL_BLOCK, COL_INDEX = "sparse_col_block", "sparse_col_index"
+LORA_A, LORA_B = "sparse_lora_A", "sparse_lora_B"
+PARAMETER_NAMES = (VALUES, ROW_BLOCK, COL_BLOCK, LORA_A, LORA_B)
+INDEX_NAMES = (INDICES, ROW_INDEX, COL_INDEX)
+# which index tensor each parameter needs
+INDEX_OF = {VALUES: INDICES, ROW_BLOCK: ROW_INDEX, COL_BLOCK: COL_INDEX}
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 while every index fits, int64 beyond 2³¹ elements."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+@dataclass
+class Delta:
+    out_features: int
+    in_features: int
+    values: Optional[torch.Tensor] = None
+    indices: Optional[torch.Tensor] = None
+    row_block: Optional[torch.Tensor] = None
+    row_index: Optional[torch.Tensor] = None
+    col_block: Optional[torch.Tensor] = None
+    col_index: Optional[torch.Tensor] = None
+    lora_A: Optional[torch.Tensor] = None
+    lora_B: Optional[torch.Tensor] = None
+    scaling: float = 1.0
+
+    @property
+    def is_empty(self) -> bool:
+        return self.values is None and self.row_block is None and self.col_block is None and self.lora_A is None
+
+    def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
+        flat = self.indices.long()
+        return flat // self.in_features, flat % self.in_features
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
+        y = None
+        if self.values is not None:
+            rows, cols = self.rows_cols()
+            y = ops.sparse_linear(x, self.values, rows, cols, self.out_features)
+        if self.row_block is not None:
+            y = _add(y, ops.row_linear(x, self.row_block, self.row_index.long(), self.out_features))
+        if self.col_block is not None:
+            y = _add(y, ops.column_linear(x, self.col_block, self.col_index.long()))
+        if self.lora_A is not None:
+            y = _add(y, ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling))
+        return y
+
+    def add_to(self, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
+        """weight += sign · ΔW, in place, for a (out × in) weight (a transposed view is fine).
+
+        Sparse parts are scattered, so no dense ΔW is built unless a low-rank part is present.
+        Differentiable when called under autograd on a tensor that is not a leaf.
+        """
+        dtype = weight.dtype
+        if self.values is not None:
+            weight.index_put_(self.rows_cols(), (sign * self.values).to(dtype), accumulate=True)
+        if self.row_block is not None:
+            weight.index_add_(0, self.row_index.long(), (sign * self.row_block).to(dtype))
+        if self.col_block is not None:
+            weight.index_add_(1, self.col_index.long(), (sign * self.col_block).to(dtype))
+        if self.lora_A is not None:
+            weight.add_(((sign * self.scaling) * (self.lora_B @ self.lora_A)).to(dtype))
+        return weight
+
+    def dense(self, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
+        """ΔW as a dense (out × in) tensor; differentiable with respect to the trainable parts."""
+        ref = next(t for t in (self.values, self.row_block, self.col_block, self.lora_A) if t is not None)
+        weight = torch.zeros(
+            self.out_features, self.in_features, dtype=dtype or ref.dtype, device=device or ref.device
+        )
+        return self.add_to(weight)
+
+    def num_trainable(self) -> int:
+        return sum(t.numel() for t in (self.values, self.row_block, self.col_block, self.lora_A, self.lora_B) if t is not None)
+
+
+def _add(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:
+    return b if a is None else a + b
+
+
+def check_stored(name: str, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> None:
+    """Refuse a stored delta that does not fit a layer of this shape. Raises ValueError.
+
+    `tensors` maps the names above (`sparse_values`, ...) to the tensors read from a file for one
+    layer. Checks dtypes, shapes, that every index is in range, sorted and unique, and that every
+    value is finite. Nothing here trusts the file.
+    """
+
+    def fail(msg: str):
+        raise ValueError(f"{name}: {msg}")
+
+    limits = {INDICES: out_features * in_features, ROW_INDEX: out_features, COL_INDEX: in_features}
+    for key in INDEX_NAMES:
+        if key not in tensors:
+            continue
+        idx = tensors[key]
+        if idx.dtype not in (torch.int32, torch.int64):
+            fail(f"{key} has dtype {idx.dtype}; indices must be int32 or int64")
+        if idx.dim() != 1:
+            fail(f"{key} has shape {tuple(idx.shape)}; indices must be 1-D")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limits[key]):
+            fail(
+                f"{key} holds indices outside [0, {limits[key]}) for a layer of shape "
+                f"({out_features} × {in_features}); the adapter was saved for another model or the file is corrupt"
+            )
+        if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+            fail(f"{key} is not sorted and unique; the file is corrupt")
+    for key in PARAMETER_NAMES:
+        if key in tensors and not tensors[key].dtype.is_floating_point:
+            fail(f"{key} has dtype {tensors[key].dtype}; values must be floating point")
+        if key in tensors and not bool(torch.isfinite(tensors[key]).all()):
+            fail(f"{key} contains NaN or infinite values; the file is corrupt")
+    for key, idx_key in INDEX_OF.items():
+        if (key in tensors) != (idx_key in tensors):
+            missing = idx_key if key in tensors else key
+            fail(f"{missing} is missing; {key} and {idx_key} must be stored together")
+    expected = {}
+    if VALUES in tensors:
+        expected[VALUES] = (tensors[INDICES].numel(),)
+    if ROW_BLOCK in tensors:
+        expected[ROW_BLOCK] = (tensors[ROW_INDEX].numel(), in_features)
+    if COL_BLOCK in tensors:
+        expected[COL_BLOCK] = (out_features, tensors[COL_INDEX].numel())
+    if (LORA_A in tensors) != (LORA_B in tensors):
+        fail(f"{LORA_A} and {LORA_B} must be stored together")
+    if LORA_A in tensors:
+        rank = tensors[LORA_A].shape[0] if tensors[LORA_A].dim() == 2 else -1
+        expected[LORA_A] = (rank, in_features)
+        expected[LORA_B] = (out_features, rank)
+    for key, shape in expected.items():
+        if tuple(tensors[key].shape) != shape:
+            fail(
+                f"{key} has shape {tuple(tensors[key].shape)} but a layer of shape ({out_features} × {in_features}) "
+                f"needs {shape}; the adapter was saved for another model or the file is corrupt"
+            )

@@ -1,0 +1,81 @@
+"""Checks on adapter files before anything touches the model.
+
+PEFT reads adapter_model.safetensors and hands us the tensors (in `SparseModel`'s load hook)
+before it loads them into the model. Here every sparse tensor is checked against the layer it is
+meant for (names, dtypes, shapes, index ranges, order, finiteness) and only then are the layers
+given the shapes the file holds (a support's size can differ from the one a fresh config picks,
+e.g. after progressive selection). Nothing in a file is trusted.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .delta import INDEX_NAMES, PARAMETER_NAMES, check_stored
+
+
+KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES)
+
+
+def _split(state_dict, layer_names, prefix):
+    """{layer name: {tensor name: tensor}} for every key of ours, and the keys that match no layer."""
+    per_layer: dict[str, dict[str, torch.Tensor]] = {}
+    unexpected = []
+    for key, tensor in state_dict.items():
+        if f".{prefix}" not in key:
+            continue  # not ours: modules_to_save, biases, trainable tokens
+        layer, _, rest = key.rpartition(f".{prefix}")
+        attr = prefix + rest.split(".")[0]
+        if layer in layer_names and attr in KNOWN:
+            per_layer.setdefault(layer, {})[attr] = tensor
+        else:
+            unexpected.append(key)
+    return per_layer, unexpected
+
+
+def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix: str) -> None:
+    """Validate an adapter's state dict (keys as the model names them) and size the layers to it.
+
+    Raises ValueError naming the first problem; the model is not modified in that case.
+    """
+    from .layer import SparseLayer
+
+    layers = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, SparseLayer) and adapter_name in m._all_available_adapter_names()
+    }
+    per_layer, unexpected = _split(state_dict, set(layers), prefix)
+    where = "the adapter was saved for another base model, with other target_modules, or the file is corrupt"
+    if unexpected:
+        shown = ", ".join(unexpected[:3]) + (" ..." if len(unexpected) > 3 else "")
+        raise ValueError(f"adapter file has tensors for layers this model does not adapt ({shown}); {where}")
+    missing = [name for name in layers if name not in per_layer]
+    if missing:
+        shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ValueError(f"adapter file has no tensors for {len(missing)} adapted layer(s) ({shown}); {where}")
+
+    for name, layer in layers.items():
+        tensors = per_layer[name]
+        expected = {attr for attr in KNOWN if adapter_name in getattr(layer, attr)}
+        if set(tensors) != expected:
+            raise ValueError(
+                f"{name}: the adapter file holds {sorted(tensors)} but its config asks for {sorted(expected)}; {where}"
+            )
+        check_stored(name, tensors, *layer.delta_shape)
+
+    # Every check passed: give each layer the shapes in the file, so load_state_dict can fill them.
+    for name, layer in layers.items():
+        for attr, tensor in per_layer[name].items():
+            store = getattr(layer, attr)
+            current = store[adapter_name]
+            if current.shape == tensor.shape:
+                continue
+            if attr in INDEX_NAMES:
+                store[adapter_name] = torch.empty(tensor.shape, dtype=current.dtype, device=current.device)
+            else:
+                store[adapter_name] = nn.Parameter(
+                    torch.empty(tensor.shape, dtype=current.dtype, device=current.device),
+                    requires_grad=current.requires_grad,
+                )

@@ -1,0 +1,270 @@
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from transformers.pytorch_utils import Conv1D
+
+from .config import SparseConfig
+from .delta import (
+    COL_BLOCK,
+    COL_INDEX,
+    INDEX_NAMES,
+    INDICES,
+    LORA_A,
+    LORA_B,
+    PARAMETER_NAMES,
+    ROW_BLOCK,
+    ROW_INDEX,
+    VALUES,
+    Delta,
+    index_dtype,
+)
+from .selection import module_seed, select
+
+
+class SparseLayer(BaseTunerLayer):
+    """The state a sparse adapter keeps on one layer, and the PEFT layer contract around it.
+
+    Per adapter name: the trainable tensors in `ParameterDict`s and their indices in persistent
+    `BufferDict`s (so PEFT saves, loads, moves and deletes them with no special code). The base
+    layer is never changed, except by `merge`. The math lives in `delta.Delta` and `ops`.
+    """
+
+    # trainable per-adapter tensors
+    adapter_layer_names = PARAMETER_NAMES
+    # other per-adapter state: int32 indices (never cast to float, never trained) and the low-rank scale
+    other_param_names = (*INDEX_NAMES, "sparse_scaling")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        for name in PARAMETER_NAMES:
+            setattr(self, name, nn.ParameterDict())
+        for name in INDEX_NAMES:
+            setattr(self, name, BufferDict(persistent=True))
+        self.sparse_scaling: dict[str, float] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.kwargs = kwargs
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        self.in_features, self.out_features = _get_in_out_features(self.get_base_layer())
+
+    # -- the weight in linear orientation (out × in) -------------------------------------------
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def _as_2d(self, weight: torch.Tensor) -> torch.Tensor:
+        """A (out × in) view of a weight of the base layer's own layout."""
+        return weight
+
+    def _from_2d(self, weight2d: torch.Tensor) -> torch.Tensor:
+        return weight2d
+
+    def _base_weight_2d(self) -> torch.Tensor:
+        base = self.get_base_layer()
+        if self.quantization_backend is None:
+            return self._as_2d(base.weight)
+        try:
+            return self._as_2d(self.quantization_backend.get_base_weight(base))
+        except (TypeError, NotImplementedError) as err:
+            raise ValueError(
+                f"this {self.quantization_backend.backend_name} layer cannot give its weights back, which "
+                "selection rules that look at the weight and merging need; use selection='random'"
+            ) from err
+
+    # -- adding an adapter -----------------------------------------------------------------------
+    def update_layer(
+        self, adapter_name: str, config: SparseConfig, module_key: str = "", inference_mode: bool = False, **kwargs
+    ) -> None:
+        out_features, in_features = self.delta_shape
+        seed = module_seed(config.seed, module_key)
+        structure = config.structure
+        if structure != "none":
+            k = config.budget(structure, out_features, in_features)
+            support = select(config.selection, structure, k, (out_features, in_features), seed, self._base_weight_2d)
+            if structure == "unstructured":
+                self._store(adapter_name, VALUES, (k,), INDICES, support, out_features * in_features)
+            elif structure == "rows":
+                self._store(adapter_name, ROW_BLOCK, (k, in_features), ROW_INDEX, support, out_features)
+            else:
+                self._store(adapter_name, COL_BLOCK, (out_features, k), COL_INDEX, support, in_features)
+        if config.r > 0:
+            self.sparse_lora_A[adapter_name] = nn.Parameter(torch.empty(config.r, in_features))
+            self.sparse_lora_B[adapter_name] = nn.Parameter(torch.empty(out_features, config.r))
+            self.sparse_scaling[adapter_name] = config.scaling
+        self.reset_parameters(adapter_name, config.init_weights, seed)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _store(self, adapter_name, key, shape, index_key, support, numel) -> None:
+        getattr(self, key)[adapter_name] = nn.Parameter(torch.zeros(shape))
+        getattr(self, index_key)[adapter_name] = support.to(index_dtype(numel))
+
+    @torch.no_grad()
+    def reset_parameters(self, adapter_name: str, init_weights: bool, seed: int = 0) -> None:
+        """Zero update when `init_weights`, else random values of the scale of the base weights."""
+        g = torch.Generator().manual_seed(seed + 1)
+        bound = 1 / math.sqrt(self.in_features)
+        for key in (VALUES, ROW_BLOCK, COL_BLOCK):
+            if adapter_name in getattr(self, key):
+                p = getattr(self, key)[adapter_name]
+                if init_weights:
+                    p.zero_()
+                else:
+                    p.copy_(torch.rand(p.shape, generator=g) * 2 * bound - bound)
+        if adapter_name in self.sparse_lora_A:
+            a, b = self.sparse_lora_A[adapter_name], self.sparse_lora_B[adapter_name]
+            # A as nn.Linear initialises its weight (LoRA does the same), B = 0 so that ΔW starts at 0
+            a.copy_(torch.rand(a.shape, generator=g) * 2 * bound - bound)
+            if init_weights:
+                b.zero_()
+            else:
+                b.copy_(torch.rand(b.shape, generator=g) * 2 / math.sqrt(b.shape[1]) - 1 / math.sqrt(b.shape[1]))
+
+    # -- reading an adapter ----------------------------------------------------------------------
+    def get_delta(self, adapter_name: str) -> Optional[Delta]:
+        """The update of one adapter on this layer as a `Delta`, or None if it has none here."""
+
+        def get(key):
+            store = getattr(self, key)
+            return store[adapter_name] if adapter_name in store else None
+
+        delta = Delta(
+            *self.delta_shape,
+            values=get(VALUES),
+            indices=get(INDICES),
+            row_block=get(ROW_BLOCK),
+            row_index=get(ROW_INDEX),
+            col_block=get(COL_BLOCK),
+            col_index=get(COL_INDEX),
+            lora_A=get(LORA_A),
+            lora_B=get(LORA_B),
+            scaling=self.sparse_scaling.get(adapter_name, 1.0),
+        )
+        return None if delta.is_empty else delta
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """ΔW as a dense tensor in the base weight's layout (for inspection and LoRA conversion)."""
+        return self._from_2d(self.get_delta(adapter_name).dense())
+
+    # -- merging -----------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        for name in check_adapters_to_merge(self, adapter_names):
+            delta = self.get_delta(name)
+            if delta is not None:
+                self._add_to_base(delta, 1.0, safe_merge, name)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            delta = self.get_delta(name)
+            if delta is not None:
+                self._add_to_base(delta, -1.0, False, name)
+
+    @torch.no_grad()
+    def _add_to_base(self, delta: Delta, sign: float, safe: bool, name: str) -> None:
+        base = self.get_base_layer()
+        backend = self.quantization_backend
+        if backend is not None:
+            if not backend.supports_merge:
+                raise ValueError(f"cannot merge into a {backend.backend_name} layer; it cannot be dequantized")
+            weight = backend.get_base_weight(base)  # a fresh dequantized tensor: always safe to edit
+        else:
+            weight = base.weight.data.clone() if safe else base.weight.data
+        delta.add_to(self._as_2d(weight), sign)
+        if safe and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+        if backend is not None:
+            backend.set_base_weight(self, weight)
+        elif safe:
+            base.weight.data = weight
+
+    # -- forward -------------------------------------------------------------------------------
+    def _delta_forward(self, x: torch.Tensor, delta: Delta) -> torch.Tensor:
+        return delta.apply(x)
+
+    def sparse_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer's output plus the update of every active adapter present here."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name in self.active_adapters:
+            delta = self.get_delta(name)
+            if delta is not None:
+                result = result + self._delta_forward(x, delta).to(result.dtype)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+
+class _Module(nn.Module, SparseLayer):
+    # nn.Module comes first in the bases (PEFT's convention), so its placeholder `forward` and its
+    # `__repr__` would shadow SparseLayer's: define them here.
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.sparse_forward(x, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return "sparse." + super().__repr__()
+
+
+class Linear(_Module):
+    """nn.Linear, transformers' Conv1D (GPT-2, weight stored in × out) and quantized linear layers."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_key: str = "", **kwargs):
+        super().__init__()
+        SparseLayer.__init__(self, base_layer, **kwargs)
+        self._transposed = isinstance(self.get_base_layer(), Conv1D)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_key, inference_mode=config.inference_mode)
+
+    def _as_2d(self, weight):
+        return weight.t() if self._transposed else weight
+
+    def _from_2d(self, weight2d):
+        return weight2d.t() if self._transposed else weight2d
+
+
+class Conv2d(_Module):
+    """nn.Conv2d; ΔW lives on the weight flattened to (out_channels × in_channels/groups·kh·kw).
+
+    The convolution of x with ΔW is done by the base layer's own conv on a dense ΔW built each
+    forward (the sparse linear kernels do not apply to a convolution).
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_key: str = "", **kwargs):
+        super().__init__()
+        SparseLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_key, inference_mode=config.inference_mode)
+
+    @property
+    def delta_shape(self) -> tuple[int, int]:
+        weight = self.get_base_layer().weight
+        return weight.shape[0], weight[0].numel()
+
+    def _as_2d(self, weight):
+        return weight.view(weight.shape[0], -1)
+
+    def _from_2d(self, weight2d):
+        return weight2d.view(self.get_base_layer().weight.shape)
+
+    def _delta_forward(self, x, delta):
+        base = self.get_base_layer()
+        delta_weight = self._from_2d(delta.dense())
+        return base._conv_forward(x.to(delta_weight.dtype), delta_weight, None)
