@@ -1,0 +1,383 @@
+"""Quickstart: pretrain a tiny Llama offline, fine-tune it with a sparse adapter and with LoRA, compare.
+
+    python -m sparse_peft.quickstart            # a few minutes on CPU
+    python -m sparse_peft.quickstart --quick    # every stage in well under a minute (smoke test)
+
+Nothing is downloaded. The base model is a small Llama pretrained here on the Python standard
+library's own source (text every machine has) and cached, so a second run skips that. The
+fine-tuning task is one the base has never seen (reversing random words), so the eval loss shows
+what each adapter learns. Both adapters get the same base, data, steps and seed, and the same
+number of trainable parameters (`equivalent_rank` = LoRA's r). `--model` / `--dataset` swap in
+any causal LM and any dataset with a "text" column, from the Hub or a local path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+MODEL = dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=344, max_position_embeddings=256)
+SEQ_LEN, PRETRAIN_BATCH, PRETRAIN_LR = 128, 16, 3e-3
+BATCH, RANK = 32, 8
+# LoRA's usual rate. A sparse delta has no B·A product to amplify its steps (each value moves one
+# weight), so it wants a larger one; 5e-3 was the best of {1e-3, 2e-3, 5e-3, 1e-2} on this task.
+LR = {"lora": 1e-3, "sparse": 5e-3}
+CACHE_FORMAT = 1  # bump when the pretraining recipe changes, so old caches are not reused
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from .methods import METHODS
+
+    p = argparse.ArgumentParser(prog="sparse-peft-quickstart", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny run of every stage, for tests")
+    p.add_argument("--steps", type=int, help="fine-tuning steps per method (default 400, --quick 15)")
+    p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 1200, --quick 20)")
+    p.add_argument("--method", default="spiel", choices=sorted(METHODS), help="sparse method to compare with LoRA")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output-dir", default="./sparse_peft_quickstart")
+    p.add_argument("--cache-dir", help="where pretrained bases are cached (default $XDG_CACHE_HOME/sparse_peft)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", help="Hub id or local path of a causal LM: skips pretraining")
+    p.add_argument("--dataset", help="Hub id or local path of a dataset with a 'text' column (default: synthetic)")
+    args = p.parse_args(argv)
+    args.steps = args.steps or (15 if args.quick else 400)
+    args.pretrain_steps = args.pretrain_steps or (20 if args.quick else 1200)
+    return args
+
+
+# -- the base model ------------------------------------------------------------------------------
+def byte_tokenizer():
+    # ByT5's tokenizer is byte-level with no vocabulary file, so it needs no download, and unlike a
+    # home-made one it saves with the model: `--model <cache dir>` then works like any checkpoint.
+    from transformers import ByT5Tokenizer
+
+    return ByT5Tokenizer(extra_ids=0)
+
+
+def stdlib_tokens(tokenizer) -> torch.Tensor:
+    """The top-level stdlib *.py files, sorted (deterministic for a Python version), as one token stream."""
+    offset = tokenizer.encode("\x00", add_special_tokens=False)[0]  # ByT5: id = byte + 3 specials
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    data = b"".join(f.read_bytes() + b"\n" for f in files)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long() + offset
+
+
+def cache_path(args) -> Path:
+    root = Path(args.cache_dir) if args.cache_dir else (
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparse_peft")
+    # Everything the weights depend on goes into the name: the stdlib differs between Python versions.
+    settings = dict(model=MODEL, steps=args.pretrain_steps, seq=SEQ_LEN, batch=PRETRAIN_BATCH, lr=PRETRAIN_LR,
+                    seed=args.seed, python=sys.version_info[:2], format=CACHE_FORMAT)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return root / f"quickstart-{digest}"
+
+
+def warmup_cosine(optimizer, steps: int):
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def pretrain(args, path: Path) -> None:
+    from tqdm.auto import tqdm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = byte_tokenizer()
+    tokens = stdlib_tokens(tokenizer)
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **MODEL)
+    model = LlamaForCausalLM(config).to(args.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR, weight_decay=0.1)
+    sched = warmup_cosine(opt, args.pretrain_steps)
+    g = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(range(args.pretrain_steps), desc=f"pretrain on {len(tokens) / 1e6:.1f}M bytes of stdlib")
+    for _ in bar:
+        # random windows of the stream: cheaper than epochs over chunks, and as good for a few steps
+        starts = torch.randint(len(tokens) - SEQ_LEN, (PRETRAIN_BATCH,), generator=g)
+        ids = torch.stack([tokens[s:s + SEQ_LEN] for s in starts.tolist()]).to(args.device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    # Write to a temporary folder and rename: an interrupted run must not leave a half-written cache.
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    model.save_pretrained(tmp), tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(path)
+    except OSError:  # another process cached it meanwhile: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_base(path, device):
+    from transformers import AutoModelForCausalLM
+
+    # float32: the adapters train in float32 anyway, and the small models here gain nothing from less
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+
+
+# -- the fine-tuning data ------------------------------------------------------------------------
+def reverse_task(seed: int, n_train=4000, n_eval=200):
+    """(prompt, answer) pairs: "reverse: abcd ->" / " dcba". Nothing like it is in the stdlib."""
+    rng = random.Random(seed)
+    words = {"".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(3, 8))) for _ in range(3 * n_train)}
+    pairs = [(f"reverse: {w} ->", f" {w[::-1]}") for w in sorted(words)]
+    rng.shuffle(pairs)  # distinct words, so no eval word is seen in training
+    return pairs[:n_train], pairs[n_train:n_train + n_eval]
+
+
+def text_dataset(path: str, seed: int, n_eval=200):
+    """(prompt "", text) pairs from a dataset's "text" column; an eval split is held out if it has none."""
+    import datasets
+
+    local = Path(path)
+    if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
+        ds = datasets.load_from_disk(path)  # a folder written by save_to_disk
+    elif local.is_dir() and any(local.rglob("*.txt")):
+        ds = datasets.load_dataset("text", data_dir=path)
+    elif local.is_file() and local.suffix == ".txt":
+        ds = datasets.load_dataset("text", data_files=path)
+    else:
+        ds = datasets.load_dataset(path)  # Hub id, or a local folder of json/csv/parquet
+    if isinstance(ds, datasets.DatasetDict):
+        held_out = next((s for s in ("validation", "test") if s in ds), None)
+        train = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        evals = ds[held_out] if held_out else None
+    else:
+        train, evals = ds, None
+    if "text" not in train.column_names:
+        raise ValueError(f"dataset {path!r} has no 'text' column (columns: {train.column_names})")
+    texts = [t for t in train["text"] if t and t.strip()]
+    if evals is None:
+        random.Random(seed).shuffle(texts)
+        n_eval = min(n_eval, max(1, len(texts) // 10))
+        texts, eval_texts = texts[n_eval:], texts[:n_eval]
+    else:
+        eval_texts = [t for t in evals["text"] if t and t.strip()][:n_eval]
+    if not texts or not eval_texts:
+        raise ValueError(f"dataset {path!r} has too few non-empty texts for a train and an eval split")
+    return [("", t) for t in texts], [("", t) for t in eval_texts]
+
+
+def encode(tokenizer, pairs):
+    """Token ids and the prompt length of each pair; the loss is on the answer only."""
+    out = []
+    for prompt, answer in pairs:
+        p = tokenizer.encode(prompt, add_special_tokens=False) if prompt else []
+        a = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+        out.append(((p + a)[:SEQ_LEN], len(p)))
+    return out
+
+
+def collate(examples, pad_id: int, device):
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        labels[i, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:])
+        mask[i, :len(ids)] = 1
+    return dict(input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+
+
+# -- fine-tuning and measuring -------------------------------------------------------------------
+def loss_sum(model, batch):
+    """Summed next-token loss over the answer tokens, and their count (for token-weighted means)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+    return loss, int((labels != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(model, batches) -> float:
+    model.eval()
+    total, count = zip(*(loss_sum(model, b) for b in batches))
+    model.train()
+    return float(sum(total)) / sum(count)
+
+
+class SavedForBackward:
+    """Bytes autograd keeps for backward, in distinct storages, parameters excluded.
+
+    On CPU there is no allocator peak to read, and RSS moves in coarse steps; this is the part of
+    training memory that an adapter's design decides (its optimizer state is ~3x its parameters).
+    """
+
+    def __init__(self, model):
+        self.params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.storages: dict[int, int] = {}
+
+    def pack(self, t):
+        try:
+            storage = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse or wrapper tensors: not ours to count
+            return t
+        if storage.data_ptr() not in self.params:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, args):
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    torch.manual_seed(args.seed)
+    model = get_peft_model(load_base(base_path, args.device), peft_config)
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = evaluate(model, eval_batches)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = warmup_cosine(opt, args.steps)
+    g = torch.Generator().manual_seed(args.seed)  # same batches, in the same order, for every method
+    losses, times, saved = [], [], SavedForBackward(model)
+    for step in (bar := tqdm(range(args.steps), desc=f"{label} (lr {lr:g})")):
+        batch = collate([train[i] for i in torch.randint(len(train), (BATCH,), generator=g).tolist()],
+                        pad_id, args.device)
+        start = time.perf_counter()
+        with saved.hooks() if step == 0 else torch.enable_grad():
+            total, count = loss_sum(model, batch)
+            loss = total / max(count, 1)
+        loss.backward()
+        opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    row = dict(method=label, trainable=sum(p.numel() for p in params), before=before,
+               after=evaluate(model, eval_batches), saved=sum(saved.storages.values()),
+               peak=torch.cuda.max_memory_allocated() if cuda else None, step_ms=1e3 * statistics.median(times))
+    return model, row, losses
+
+
+def adapter_bytes(model, folder: Path) -> int:
+    model.save_pretrained(folder)
+    return (folder / "adapter_model.safetensors").stat().st_size
+
+
+@torch.no_grad()
+def check_reload(model, base_path, folder: Path, batch, device) -> None:
+    """The saved adapter must give the trained model's logits exactly, and merged within 1e-4."""
+    from peft import PeftModel
+
+    model.eval()
+    inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    expected = model(**inputs).logits
+    reloaded = PeftModel.from_pretrained(load_base(base_path, device), folder).eval()
+    if not torch.equal(reloaded(**inputs).logits, expected):
+        raise RuntimeError(f"the adapter reloaded from {folder} gives other logits than the trained model")
+    print(f"reload from {folder}: logits identical -- OK")
+    merged = reloaded.merge_and_unload()
+    diff = (merged(**inputs).logits - expected).abs().max().item()
+    if diff > 1e-4:
+        raise RuntimeError(f"merge_and_unload changed the logits by up to {diff:.2e} (> 1e-4)")
+    print(f"merge_and_unload: max |logit difference| {diff:.1e} <= 1e-4 -- OK")
+
+
+def plot(curves: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, losses in curves.items():
+        ema, smooth = losses[0], []
+        for x in losses:  # exponential moving average: per-batch losses are noisy
+            ema = 0.9 * ema + 0.1 * x
+            smooth.append(ema)
+        (line,) = ax.plot(losses, alpha=0.25)
+        ax.plot(smooth, color=line.get_color(), label=label)
+    ax.set(xlabel="step", ylabel="train loss (answer tokens)", title="Fine-tuning: sparse vs LoRA, equal budget")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def print_table(rows, device) -> None:
+    memory = "peak CUDA MiB" if device == "cuda" else "saved-for-bwd MiB"
+    head = f"{'method':<16}{'trainable':>11}{'eval before':>13}{'eval after':>12}{memory:>19}{'step ms':>9}{'adapter B':>11}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        mem = (r["peak"] if device == "cuda" else r["saved"]) / 2**20
+        print(f"{r['method']:<16}{r['trainable']:>11,}{r['before']:>13.3f}{r['after']:>12.3f}{mem:>19.2f}"
+              f"{r['step_ms']:>9.1f}{r['adapter']:>11,}")
+    if device != "cuda":
+        print("saved-for-bwd: bytes autograd keeps for backward in one step, parameters excluded (CPU has no peak)")
+
+
+def main(argv=None) -> int:
+    import peft
+    from transformers import AutoTokenizer
+
+    from . import SparseConfig  # importing the package registers the sparse method with PEFT
+
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        base_path, tokenizer = args.model, AutoTokenizer.from_pretrained(args.model)
+    else:
+        base_path = cache_path(args)
+        if (base_path / "config.json").exists():
+            print(f"using the cached pretrained base in {base_path}")
+        else:
+            print(f"pretraining a small Llama ({args.pretrain_steps} steps); it will be cached in {base_path}")
+            base_path.parent.mkdir(parents=True, exist_ok=True)
+            pretrain(args, base_path)
+        tokenizer = byte_tokenizer()
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train, evals = text_dataset(args.dataset, args.seed) if args.dataset else reverse_task(args.seed)
+    train, evals = encode(tokenizer, train), encode(tokenizer, evals)
+    eval_batches = [collate(evals[i:i + BATCH], pad_id, args.device) for i in range(0, len(evals), BATCH)]
+
+    sparse_label = f"sparse ({args.method})"
+    configs = {
+        sparse_label: (SparseConfig(method=args.method, target_modules="all-linear", equivalent_rank=RANK),
+                       LR["sparse"]),
+        "lora": (peft.LoraConfig(r=RANK, lora_alpha=RANK, target_modules="all-linear", lora_dropout=0.0), LR["lora"]),
+    }
+    rows, curves, models = [], {}, {}
+    for label, (config, lr) in configs.items():
+        model, row, curves[label] = finetune(label, config, lr, base_path, train, eval_batches, pad_id, args)
+        print(f"{label}: {row['trainable']:,} trainable parameters; eval loss {row['before']:.3f} -> {row['after']:.3f}")
+        # the sparse adapter goes to the output dir itself; LoRA's only to a subfolder, to weigh it
+        row["adapter"] = adapter_bytes(model, out if label == sparse_label else out / "lora")
+        rows.append(row)
+        models[label] = model
+    print_table(rows, args.device)
+    if rows[0]["after"] >= rows[0]["before"]:
+        print(f"note: the eval loss of {sparse_label} did not go down; try more --steps")
+    check_reload(models[sparse_label], base_path, out, eval_batches[0], args.device)
+    plot(curves, out / "loss_curves.png")
+    print(f"loss curves: {out / 'loss_curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

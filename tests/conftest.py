@@ -1,0 +1,93 @@
+"""Small models built in code (no Hub access): the shapes PEFT's own test-suite uses."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+class MLP(nn.Module):
+    def __init__(self, bias=True):
+        super().__init__()
+        self.lin0 = nn.Linear(10, 20, bias=bias)
+        self.relu = nn.ReLU()
+        self.lin1 = nn.Linear(20, 16, bias=bias)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, X):
+        return self.head(self.relu(self.lin1(self.relu(self.lin0(X.float())))))
+
+
+class EmbConv1D(nn.Module):
+    """GPT-2 style: transformers' Conv1D stores its weight as (in × out)."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.emb = nn.Embedding(100, 12)
+        self.conv1d = Conv1D(16, 12)
+        self.relu = nn.ReLU()
+        self.lin0 = nn.Linear(16, 2)
+
+    def forward(self, X):
+        return self.lin0(self.relu(self.conv1d(self.emb(X))))
+
+
+class Conv2dModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv2d = nn.Conv2d(3, 8, 3, padding=1)
+        self.relu = nn.ReLU()
+        self.lin0 = nn.Linear(8 * 5 * 5, 2)
+
+    def forward(self, X):
+        return self.lin0(self.relu(self.conv2d(X.float())).flatten(1))
+
+
+def tiny_llama(seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+# name, model factory, example-input factory, target_modules
+CUSTOM_MODELS = {
+    "mlp": (MLP, lambda: torch.randn(4, 10), ["lin0", "lin1"]),
+    "conv1d": (EmbConv1D, lambda: torch.randint(0, 100, (4, 5)), ["conv1d"]),
+    "conv2d": (Conv2dModel, lambda: torch.randn(2, 3, 5, 5), ["conv2d"]),
+    "llama": (tiny_llama, lambda: torch.randint(0, 128, (2, 9)), "all-linear"),
+    "gpt2": (tiny_gpt2, lambda: torch.randint(0, 128, (2, 9)), "all-linear"),
+}
+
+
+def run(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.fixture(params=sorted(CUSTOM_MODELS))
+def case(request):
+    factory, make_input, targets = CUSTOM_MODELS[request.param]
+    torch.manual_seed(0)
+    return request.param, factory, make_input(), targets

@@ -1,0 +1,186 @@
+"""The autograd functions: gradcheck in float64, dense reference math, and what they save."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck
+
+from sparse_peft import ops
+from sparse_peft.delta import Delta
+from sparse_peft.selection import random_subset
+
+
+OUT, IN = 7, 5
+D = torch.float64
+
+
+def _support(k, seed=0):
+    flat = random_subset(OUT * IN, k, seed)
+    return flat, flat // IN, flat % IN
+
+
+def _x(dtype=D, grad=True):
+    return torch.randn(2, 3, IN, dtype=dtype, requires_grad=grad)
+
+
+def test_gradcheck_sparse():
+    _, rows, cols = _support(9)
+    v = torch.randn(9, dtype=D, requires_grad=True)
+    assert gradcheck(lambda x, v: ops.sparse_linear(x, v, rows, cols, OUT), (_x(), v))
+
+
+def test_gradcheck_rows():
+    rows = torch.tensor([1, 4])
+    block = torch.randn(2, IN, dtype=D, requires_grad=True)
+    assert gradcheck(lambda x, b: ops.row_linear(x, b, rows, OUT), (_x(), block))
+
+
+def test_gradcheck_columns():
+    cols = torch.tensor([0, 3])
+    block = torch.randn(OUT, 2, dtype=D, requires_grad=True)
+    assert gradcheck(lambda x, b: ops.column_linear(x, b, cols), (_x(), block))
+
+
+def test_gradcheck_low_rank():
+    a = torch.randn(3, IN, dtype=D, requires_grad=True)
+    b = torch.randn(OUT, 3, dtype=D, requires_grad=True)
+    assert gradcheck(lambda x, a, b: ops.low_rank_linear(x, a, b, 0.7), (_x(), a, b))
+
+
+def _delta_cases():
+    torch.manual_seed(1)
+    flat, _, _ = _support(11, seed=3)
+    yield "sparse", Delta(OUT, IN, values=torch.randn(11, dtype=D), indices=flat.int())
+    yield "rows", Delta(OUT, IN, row_block=torch.randn(3, IN, dtype=D), row_index=torch.tensor([0, 2, 6]))
+    yield "columns", Delta(OUT, IN, col_block=torch.randn(OUT, 2, dtype=D), col_index=torch.tensor([1, 4]))
+    yield "low-rank", Delta(OUT, IN, lora_A=torch.randn(2, IN, dtype=D), lora_B=torch.randn(OUT, 2, dtype=D), scaling=0.5)
+    yield "sparse+low-rank", Delta(
+        OUT, IN, values=torch.randn(11, dtype=D), indices=flat.int(),
+        lora_A=torch.randn(2, IN, dtype=D), lora_B=torch.randn(OUT, 2, dtype=D), scaling=2.0,
+    )
+
+
+def _trainables(delta):
+    return [t for t in (delta.values, delta.row_block, delta.col_block, delta.lora_A, delta.lora_B) if t is not None]
+
+
+def _dense_reference(name, delta):
+    """ΔW built entry by entry in plain Python, independent of the code under test."""
+    w = torch.zeros(OUT, IN, dtype=D)
+    if delta.values is not None:
+        for f, v in zip(delta.indices.tolist(), delta.values.tolist()):
+            w[f // IN, f % IN] += v
+    if delta.row_block is not None:
+        for i, r in enumerate(delta.row_index.tolist()):
+            w[r] += delta.row_block[i].detach()
+    if delta.col_block is not None:
+        for j, c in enumerate(delta.col_index.tolist()):
+            w[:, c] += delta.col_block[:, j].detach()
+    if delta.lora_A is not None:
+        w += delta.scaling * delta.lora_B.detach() @ delta.lora_A.detach()
+    return w
+
+
+@pytest.mark.parametrize("name,delta", list(_delta_cases()), ids=lambda v: v if isinstance(v, str) else "")
+def test_matches_dense_math(name, delta):
+    for t in _trainables(delta):
+        t.requires_grad_(True)
+    w_ref = _dense_reference(name, delta)
+    assert torch.allclose(delta.dense().detach(), w_ref)
+
+    x = _x()
+    y = delta.apply(x)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = x_ref @ w_ref.t()
+    assert torch.allclose(y, y_ref)
+
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    assert torch.allclose(x.grad, x_ref.grad)
+    # the gradient of every trainable tensor equals dense dW = dyᵀx pulled back through ΔW's parameterisation
+    dense_grad = dy.reshape(-1, OUT).t() @ x.detach().reshape(-1, IN)
+    w = delta.dense()  # differentiable in the trainable tensors
+    expected = torch.autograd.grad(w, _trainables(delta), dense_grad)
+    for t, g in zip(_trainables(delta), expected):
+        assert torch.allclose(t.grad, g), name
+
+
+def _saved(fn):
+    """Bytes of every distinct storage autograd saves during fn(), excluding the given parameters."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+def test_column_op_saves_only_a_fresh_copy_of_the_selected_columns():
+    x = torch.randn(4, 16, 64, requires_grad=True)
+    cols = torch.tensor([3, 10, 40, 63])
+    block = torch.randn(32, 4, requires_grad=True)
+    _, seen = _saved(lambda: ops.column_linear(x, block, cols))
+    big = [t for t in seen.values() if t.dtype.is_floating_point and t is not block]
+    assert len(big) == 1
+    (x_sel,) = big
+    assert x_sel.untyped_storage().data_ptr() != x.untyped_storage().data_ptr()
+    assert x_sel.untyped_storage().nbytes() == 4 * 16 * 4 * x.element_size()
+    assert torch.equal(x_sel, x.detach().reshape(-1, 64)[:, cols])
+
+
+@pytest.mark.parametrize("kind", ["sparse", "rows", "low-rank"])
+def test_other_ops_save_x_itself_in_its_own_dtype(kind):
+    # a bf16 input with fp32 trainable tensors: the saved x must be the bf16 input, not an fp32 copy
+    x = torch.randn(4, 8, IN, dtype=torch.bfloat16, requires_grad=True)
+    flat, rows, cols = _support(9)
+    params = {
+        "sparse": lambda: ops.sparse_linear(x, torch.zeros(9, requires_grad=True), rows, cols, OUT),
+        "rows": lambda: ops.row_linear(x, torch.zeros(2, IN, requires_grad=True), torch.tensor([1, 3]), OUT),
+        "low-rank": lambda: ops.low_rank_linear(x, torch.zeros(2, IN, requires_grad=True), torch.zeros(OUT, 2, requires_grad=True), 1.0),
+    }
+    _, seen = _saved(params[kind])
+    activations = [t for t in seen.values() if t.dtype.is_floating_point and t.shape[:1] == x.shape[:1]]
+    assert [t.untyped_storage().data_ptr() for t in activations] == [x.untyped_storage().data_ptr()]
+
+
+def test_frozen_values_save_no_activation_and_skip_their_gradient():
+    x = _x()
+    _, rows, cols = _support(5)
+    v = torch.randn(5, dtype=D)  # not trainable
+    y, seen = _saved(lambda: ops.sparse_linear(x, v, rows, cols, OUT))
+    assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in seen.values())
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_input_without_grad_gets_none_and_params_still_train():
+    x = _x(grad=False)
+    block = torch.randn(OUT, 2, dtype=D, requires_grad=True)
+    ops.column_linear(x, block, torch.tensor([0, 1])).sum().backward()
+    assert x.grad is None and block.grad is not None
+
+
+def test_low_precision_matches_float64():
+    flat, rows, cols = _support(12)
+    v = torch.randn(12)
+    x = torch.randn(3, IN)
+    ref = ops.sparse_linear(x.double(), v.double(), rows, cols, OUT)
+    for dtype in (torch.float16, torch.bfloat16):
+        y = ops.sparse_linear(x.to(dtype), v, rows, cols, OUT)
+        assert y.dtype == torch.float32  # computed in the adapter's dtype
+        assert torch.allclose(y.double(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_random_subset_is_sorted_unique_deterministic():
+    a = random_subset(10_000, 300, seed=5)
+    assert torch.equal(a, random_subset(10_000, 300, seed=5))
+    assert not torch.equal(a, random_subset(10_000, 300, seed=6))
+    assert a.numel() == 300 and bool((a[1:] > a[:-1]).all()) and int(a.max()) < 10_000
+    # not biased towards small indices (the dedup step sorts)
+    assert a.float().mean() > 3000
+    assert torch.equal(random_subset(10, 10, seed=0), torch.arange(10))
