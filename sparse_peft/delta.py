@@ -130,7 +130,7 @@ def check_stored(name: str, tensors: dict[str, torch.Tensor], out_features: int,
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= limits[key]):
             fail(
                 f"{key} holds indices outside [0, {limits[key]}) for a layer of shape "
-                f"({out_features} × {in_features}); the adapter was saved for another model or the file is corrupt"
+                f"({out_features} × {in_features}); the adapter was saved for another base model or the file is corrupt"
             )
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             fail(f"{key} is not sorted and unique; the file is corrupt")
@@ -160,5 +160,5 @@ def check_stored(name: str, tensors: dict[str, torch.Tensor], out_features: int,
         if tuple(tensors[key].shape) != shape:
             fail(
                 f"{key} has shape {tuple(tensors[key].shape)} but a layer of shape ({out_features} × {in_features}) "
-                f"needs {shape}; the adapter was saved for another model or the file is corrupt"
+                f"needs {shape}; the adapter was saved for another base model or the file is corrupt"
             )
