@@ -57,19 +57,17 @@ class Delta:
         return self.values is None and self.row_block is None and self.col_block is None and self.lora_A is None
 
     def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = self.indices.long()
-        return flat // self.in_features, flat % self.in_features
+        return ops.split_flat(self.indices, self.in_features)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
         y = None
         if self.values is not None:
-            rows, cols = self.rows_cols()
-            y = ops.sparse_linear(x, self.values, rows, cols, self.out_features)
+            y = ops.sparse_linear(x, self.values, self.indices, self.out_features)
         if self.row_block is not None:
-            y = _add(y, ops.row_linear(x, self.row_block, self.row_index.long(), self.out_features))
+            y = _add(y, ops.row_linear(x, self.row_block, self.row_index, self.out_features))
         if self.col_block is not None:
-            y = _add(y, ops.column_linear(x, self.col_block, self.col_index.long()))
+            y = _add(y, ops.column_linear(x, self.col_block, self.col_index))
         if self.lora_A is not None:
             y = _add(y, ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling))
         return y
@@ -84,9 +82,9 @@ class Delta:
         if self.values is not None:
             weight.index_put_(self.rows_cols(), (sign * self.values).to(dtype), accumulate=True)
         if self.row_block is not None:
-            weight.index_add_(0, self.row_index.long(), (sign * self.row_block).to(dtype))
+            weight.index_add_(0, self.row_index, (sign * self.row_block).to(dtype))
         if self.col_block is not None:
-            weight.index_add_(1, self.col_index.long(), (sign * self.col_block).to(dtype))
+            weight.index_add_(1, self.col_index, (sign * self.col_block).to(dtype))
         if self.lora_A is not None:
             weight.add_(((sign * self.scaling) * (self.lora_B @ self.lora_A)).to(dtype))
         return weight

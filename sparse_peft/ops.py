@@ -15,7 +15,9 @@ Conventions shared by every function here:
   `nn.Linear` adapter does) would keep a second copy at twice the bytes.
 - dx comes back in x's dtype, and is only computed when x needs a gradient; the same holds for
   every trainable tensor (`ctx.needs_input_grad`).
-- Index tensors are int64 and sorted; they are never differentiated.
+- Index tensors are the stored int32 (or int64) buffers themselves, sorted and unique, never
+  differentiated. Saving them costs nothing; an int64 copy per call would cost more than the
+  rank-r activation a LoRA keeps.
 
 This module knows nothing of PEFT, configs or methods: tensors in, tensors out.
 """
@@ -54,28 +56,36 @@ def sampled_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     return out
 
 
+def split_flat(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major flat indices into (out × in) -> int64 (rows, cols)."""
+    flat = indices.long()
+    return flat // in_features, flat % in_features
+
+
 class SparseLinear(Function):
-    """Update of an unstructured sparse Δ: Δ[rows[j], cols[j]] = values[j], zero elsewhere.
+    """Update of an unstructured sparse Δ: Δ.flatten()[indices[j]] = values[j], zero elsewhere.
 
     Forward is a sparse-dense product; nothing of size out×in is built, in forward or backward.
-    Saves x (the gradient at the support, dv_j = Σ_n dy[n, rows_j] · x[n, cols_j], needs the
+    Saves x (the gradient at the support, dv_j = Σ_n dy[n, row_j] · x[n, col_j], needs the
     columns it touches, which at any useful density is all of them), values (a reference to the
-    parameter, for dx) and the indices. rows and cols must be sorted row-major and unique.
+    parameter, for dx) and the flat indices, which must be sorted and unique.
     """
 
     @staticmethod
-    def forward(ctx, x, values, rows, cols, out_features: int):
+    def forward(ctx, x, values, indices, out_features: int):
         in_features = x.shape[-1]
+        rows, cols = split_flat(indices, in_features)
         delta = _sparse(rows, cols, values, (out_features, in_features), coalesced=True)
         y = torch.sparse.mm(delta, _rows2d(x).to(values.dtype).t()).t()
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, rows, cols)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, indices)
         ctx.x_meta = (x.shape, x.dtype)
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, rows, cols = ctx.saved_tensors
+        x, values, indices = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
+        rows, cols = split_flat(indices, x_shape[-1])
         dy2 = _rows2d(dy).to(values.dtype)
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
@@ -84,7 +94,7 @@ class SparseLinear(Function):
             dx = torch.sparse.mm(delta_t, dy2.t()).t().reshape(x_shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
             dvalues = sampled_grad(dy2, _rows2d(x), rows, cols, values.dtype)
-        return dx, dvalues, None, None, None
+        return dx, dvalues, None, None
 
 
 class RowLinear(Function):
@@ -98,7 +108,7 @@ class RowLinear(Function):
     def forward(ctx, x, block, rows, out_features: int):
         x2 = _rows2d(x)
         y = x2.new_zeros((x2.shape[0], out_features), dtype=block.dtype)
-        y.index_copy_(1, rows, x2.to(block.dtype) @ block.t())
+        y.index_add_(1, rows, x2.to(block.dtype) @ block.t())  # rows are unique: a copy
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, block, rows)
         ctx.x_meta = (x.shape, x.dtype)
         return y.reshape(*x.shape[:-1], out_features)
@@ -140,7 +150,7 @@ class ColumnLinear(Function):
         dx = dblock = None
         if ctx.needs_input_grad[0]:
             dx2 = dy2.new_zeros((dy2.shape[0], x_shape[-1]), dtype=x_dtype)
-            dx = dx2.index_copy_(1, cols, (dy2 @ block).to(x_dtype)).reshape(x_shape)
+            dx = dx2.index_add_(1, cols, (dy2 @ block).to(x_dtype)).reshape(x_shape)
         if ctx.needs_input_grad[1]:
             dblock = dy2.t() @ x_sel.to(block.dtype)
         return dx, dblock, None
@@ -181,8 +191,8 @@ class LowRankLinear(Function):
         return dx, da, db, None
 
 
-def sparse_linear(x, values, rows, cols, out_features: int) -> torch.Tensor:
-    return SparseLinear.apply(x, values, rows, cols, out_features)
+def sparse_linear(x, values, indices, out_features: int) -> torch.Tensor:
+    return SparseLinear.apply(x, values, indices, out_features)
 
 
 def row_linear(x, block, rows, out_features: int) -> torch.Tensor:

@@ -25,19 +25,19 @@ def _x(dtype=D, grad=True):
 
 
 def test_gradcheck_sparse():
-    _, rows, cols = _support(9)
+    flat, _, _ = _support(9)
     v = torch.randn(9, dtype=D, requires_grad=True)
-    assert gradcheck(lambda x, v: ops.sparse_linear(x, v, rows, cols, OUT), (_x(), v))
+    assert gradcheck(lambda x, v: ops.sparse_linear(x, v, flat.int(), OUT), (_x(), v))
 
 
 def test_gradcheck_rows():
-    rows = torch.tensor([1, 4])
+    rows = torch.tensor([1, 4], dtype=torch.int32)
     block = torch.randn(2, IN, dtype=D, requires_grad=True)
     assert gradcheck(lambda x, b: ops.row_linear(x, b, rows, OUT), (_x(), block))
 
 
 def test_gradcheck_columns():
-    cols = torch.tensor([0, 3])
+    cols = torch.tensor([0, 3], dtype=torch.int32)
     block = torch.randn(OUT, 2, dtype=D, requires_grad=True)
     assert gradcheck(lambda x, b: ops.column_linear(x, b, cols), (_x(), block))
 
@@ -139,7 +139,7 @@ def test_other_ops_save_x_itself_in_its_own_dtype(kind):
     x = torch.randn(4, 8, IN, dtype=torch.bfloat16, requires_grad=True)
     flat, rows, cols = _support(9)
     params = {
-        "sparse": lambda: ops.sparse_linear(x, torch.zeros(9, requires_grad=True), rows, cols, OUT),
+        "sparse": lambda: ops.sparse_linear(x, torch.zeros(9, requires_grad=True), flat, OUT),
         "rows": lambda: ops.row_linear(x, torch.zeros(2, IN, requires_grad=True), torch.tensor([1, 3]), OUT),
         "low-rank": lambda: ops.low_rank_linear(x, torch.zeros(2, IN, requires_grad=True), torch.zeros(OUT, 2, requires_grad=True), 1.0),
     }
@@ -150,9 +150,9 @@ def test_other_ops_save_x_itself_in_its_own_dtype(kind):
 
 def test_frozen_values_save_no_activation_and_skip_their_gradient():
     x = _x()
-    _, rows, cols = _support(5)
+    flat, _, _ = _support(5)
     v = torch.randn(5, dtype=D)  # not trainable
-    y, seen = _saved(lambda: ops.sparse_linear(x, v, rows, cols, OUT))
+    y, seen = _saved(lambda: ops.sparse_linear(x, v, flat, OUT))
     assert all(t.untyped_storage().data_ptr() != x.untyped_storage().data_ptr() for t in seen.values())
     y.sum().backward()
     assert x.grad is not None
@@ -169,9 +169,9 @@ def test_low_precision_matches_float64():
     flat, rows, cols = _support(12)
     v = torch.randn(12)
     x = torch.randn(3, IN)
-    ref = ops.sparse_linear(x.double(), v.double(), rows, cols, OUT)
+    ref = ops.sparse_linear(x.double(), v.double(), flat, OUT)
     for dtype in (torch.float16, torch.bfloat16):
-        y = ops.sparse_linear(x.to(dtype), v, rows, cols, OUT)
+        y = ops.sparse_linear(x.to(dtype), v, flat, OUT)
         assert y.dtype == torch.float32  # computed in the adapter's dtype
         assert torch.allclose(y.double(), ref, atol=2e-2, rtol=2e-2)
 
