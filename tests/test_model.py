@@ -264,3 +264,19 @@ def test_all_linear_skips_the_output_head():
     model = get_peft_model(tiny_gpt2(), SparseConfig(target_modules="all-linear"))
     adapted = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, SparseLayer)}
     assert adapted == {"c_attn", "c_proj", "c_fc"}
+
+
+def test_trainable_token_indices_train_save_and_merge(tmp_path):
+    """TRL sets trainable_token_indices when a chat template adds tokens; merging must still work."""
+    from .conftest import tiny_llama
+
+    x = torch.randint(0, 128, (2, 9))
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=["q_proj"], trainable_token_indices=[1, 2], init_weights=False))
+    model(x).logits.sum().backward()
+    assert any("trainable_tokens" in n and p.grad is not None for n, p in model.named_parameters())
+    out = model(x).logits
+    model.save_pretrained(tmp_path)
+    assert torch.allclose(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(x).logits, out, atol=1e-6)
+    merged = model.merge_and_unload()
+    assert torch.allclose(merged(x).logits, out, atol=1e-5)
