@@ -28,12 +28,22 @@ import torch
 from torch.autograd import Function
 
 
-# Upper bound, in elements, of the (tokens × chunk) temporaries of the sampled gradient below.
-_SDDMM_CHUNK_ELEMENTS = 1 << 23
+# Bound, in elements, on every temporary below (16 MiB in fp32): dense blocks of Δ or dW and the
+# (tokens × chunk) products of the sampled gradient.
+_BLOCK_ELEMENTS = 1 << 22
+# Below this fraction of non-zeros, sparse kernels beat dense GEMMs on row blocks; above it the
+# GEMMs win although they do more FLOPs (CPU, torch 2.13: 5-17x at 1-4 %, see docs/memory.md).
+SPARSE_KERNEL_BELOW_DENSITY = 0.003
 
 
 def _rows2d(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
+
+
+def split_flat(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major flat indices into (out × in) -> int64 (rows, cols)."""
+    flat = indices.long()
+    return flat // in_features, flat % in_features
 
 
 def _sparse(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, size, coalesced: bool) -> torch.Tensor:
@@ -48,7 +58,7 @@ def sampled_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     dy: (N, out), x: (N, in). Works in chunks of the support so that the temporaries stay bounded.
     """
     n = max(dy.shape[0], 1)
-    chunk = max(1, _SDDMM_CHUNK_ELEMENTS // n)
+    chunk = max(1, _BLOCK_ELEMENTS // n)
     out = torch.empty(rows.numel(), dtype=dtype, device=dy.device)
     for start in range(0, rows.numel(), chunk):
         r, c = rows[start : start + chunk], cols[start : start + chunk]
@@ -56,27 +66,50 @@ def sampled_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     return out
 
 
-def split_flat(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-major flat indices into (out × in) -> int64 (rows, cols)."""
-    flat = indices.long()
-    return flat // in_features, flat % in_features
+def row_blocks(indices: torch.Tensor, out_features: int, in_features: int):
+    """Split (out × in) into blocks of whole rows of at most _BLOCK_ELEMENTS entries.
+
+    Yields (r0, r1, a, b, local): rows r0:r1 hold the support entries a:b (indices are sorted),
+    at flat positions `local` within the block.
+    """
+    step = max(1, _BLOCK_ELEMENTS // in_features)
+    starts = torch.arange(0, out_features + step, step, device=indices.device).clamp_(max=out_features)
+    bounds = torch.searchsorted(indices.long(), starts * in_features).tolist()
+    for i, r0 in enumerate(range(0, out_features, step)):
+        a, b = bounds[i], bounds[i + 1]
+        if a < b:
+            yield r0, min(r0 + step, out_features), a, b, indices[a:b].long() - r0 * in_features
+
+
+def _dense_rows(values, local, rows: int, in_features: int) -> torch.Tensor:
+    return values.new_zeros(rows * in_features).index_put_((local,), values).view(rows, in_features)
 
 
 class SparseLinear(Function):
     """Update of an unstructured sparse Δ: Δ.flatten()[indices[j]] = values[j], zero elsewhere.
 
-    Forward is a sparse-dense product; nothing of size out×in is built, in forward or backward.
     Saves x (the gradient at the support, dv_j = Σ_n dy[n, row_j] · x[n, col_j], needs the
     columns it touches, which at any useful density is all of them), values (a reference to the
     parameter, for dx) and the flat indices, which must be sorted and unique.
+
+    Nothing of size out×in lives past a call. Below SPARSE_KERNEL_BELOW_DENSITY the products are
+    sparse kernels and a sampled gradient; above it, dense GEMMs on blocks of rows of Δ and dW,
+    built and dropped one block (≤ 16 MiB) at a time.
     """
 
     @staticmethod
     def forward(ctx, x, values, indices, out_features: int):
         in_features = x.shape[-1]
-        rows, cols = split_flat(indices, in_features)
-        delta = _sparse(rows, cols, values, (out_features, in_features), coalesced=True)
-        y = torch.sparse.mm(delta, _rows2d(x).to(values.dtype).t()).t()
+        x2 = _rows2d(x).to(values.dtype)
+        ctx.use_sparse = values.numel() < SPARSE_KERNEL_BELOW_DENSITY * out_features * in_features
+        if ctx.use_sparse:
+            rows, cols = split_flat(indices, in_features)
+            delta = _sparse(rows, cols, values, (out_features, in_features), coalesced=True)
+            y = torch.sparse.mm(delta, x2.t()).t()
+        else:
+            y = x2.new_zeros((x2.shape[0], out_features))
+            for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
+                y[:, r0:r1] = x2 @ _dense_rows(values[a:b], local, r1 - r0, in_features).t()
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, indices)
         ctx.x_meta = (x.shape, x.dtype)
         return y.reshape(*x.shape[:-1], out_features)
@@ -85,15 +118,30 @@ class SparseLinear(Function):
     def backward(ctx, dy):
         x, values, indices = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
-        rows, cols = split_flat(indices, x_shape[-1])
+        in_features = x_shape[-1]
         dy2 = _rows2d(dy).to(values.dtype)
+        out_features = dy2.shape[1]
+        want_dx, want_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dvalues = None
-        if ctx.needs_input_grad[0]:
-            # Δᵀ as a sparse matrix: the transposed pattern is no longer row-major, so let torch sort it.
-            delta_t = _sparse(cols, rows, values, (x_shape[-1], dy2.shape[1]), coalesced=False)
-            dx = torch.sparse.mm(delta_t, dy2.t()).t().reshape(x_shape).to(x_dtype)
-        if ctx.needs_input_grad[1]:
-            dvalues = sampled_grad(dy2, _rows2d(x), rows, cols, values.dtype)
+        if ctx.use_sparse:
+            rows, cols = split_flat(indices, in_features)
+            if want_dx:
+                # Δᵀ as a sparse matrix: the transposed pattern is not row-major, so let torch sort it
+                delta_t = _sparse(cols, rows, values, (in_features, out_features), coalesced=False)
+                dx = torch.sparse.mm(delta_t, dy2.t()).t()
+            if want_dv:
+                dvalues = sampled_grad(dy2, _rows2d(x), rows, cols, values.dtype)
+        else:
+            x2 = _rows2d(x).to(values.dtype) if want_dv else None
+            dx = dy2.new_zeros((dy2.shape[0], in_features)) if want_dx else None
+            dvalues = torch.empty_like(values) if want_dv else None
+            for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
+                if want_dx:
+                    dx += dy2[:, r0:r1] @ _dense_rows(values[a:b], local, r1 - r0, in_features)
+                if want_dv:
+                    dvalues[a:b] = (dy2[:, r0:r1].t() @ x2).view(-1)[local]
+        if dx is not None:
+            dx = dx.reshape(x_shape).to(x_dtype)
         return dx, dvalues, None, None
 
 

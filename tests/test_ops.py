@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.autograd import gradcheck
@@ -24,7 +26,17 @@ def _x(dtype=D, grad=True):
     return torch.randn(2, 3, IN, dtype=dtype, requires_grad=grad)
 
 
-def test_gradcheck_sparse():
+@pytest.fixture(params=["dense-blocks", "many-blocks", "sparse-kernels"])
+def kernel_path(request, monkeypatch):
+    """SparseLinear's two strategies, and row blocks much smaller than the matrix."""
+    if request.param == "sparse-kernels":
+        monkeypatch.setattr(ops, "SPARSE_KERNEL_BELOW_DENSITY", 1.1)
+    if request.param == "many-blocks":
+        monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 2 * IN)
+    return request.param
+
+
+def test_gradcheck_sparse(kernel_path):
     flat, _, _ = _support(9)
     v = torch.randn(9, dtype=D, requires_grad=True)
     assert gradcheck(lambda x, v: ops.sparse_linear(x, v, flat.int(), OUT), (_x(), v))
@@ -83,9 +95,11 @@ def _dense_reference(name, delta):
 
 
 @pytest.mark.parametrize("name,delta", list(_delta_cases()), ids=lambda v: v if isinstance(v, str) else "")
-def test_matches_dense_math(name, delta):
-    for t in _trainables(delta):
-        t.requires_grad_(True)
+def test_matches_dense_math(name, delta, kernel_path):
+    # fresh leaves for each run: the cases are shared between parametrizations
+    trainable = ("values", "row_block", "col_block", "lora_A", "lora_B")
+    fresh = {f: getattr(delta, f).detach().clone().requires_grad_(True) for f in trainable if getattr(delta, f) is not None}
+    delta = dataclasses.replace(delta, **fresh)
     w_ref = _dense_reference(name, delta)
     assert torch.allclose(delta.dense().detach(), w_ref)
 
@@ -165,7 +179,7 @@ def test_input_without_grad_gets_none_and_params_still_train():
     assert x.grad is None and block.grad is not None
 
 
-def test_low_precision_matches_float64():
+def test_low_precision_matches_float64(kernel_path):
     flat, rows, cols = _support(12)
     v = torch.randn(12)
     x = torch.randn(3, IN)
