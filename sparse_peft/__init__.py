@@ -6,11 +6,13 @@ and adapters saved with it. Import it before loading such an adapter.
 """
 
 from ._peft import SparsePeftType, register
+from .callbacks import SparseCallback
 from .config import SparseConfig
 from .delta import Delta
 from .layer import Conv2d, Linear, SparseLayer
 from .methods import METHODS
 from .model import SparseModel
+from .schedule import SparseScheduler
 from .version import __version__
 
 
@@ -21,9 +23,11 @@ __all__ = [
     "Conv2d",
     "Delta",
     "Linear",
+    "SparseCallback",
     "SparseConfig",
     "SparseLayer",
     "SparseModel",
     "SparsePeftType",
+    "SparseScheduler",
     "__version__",
 ]

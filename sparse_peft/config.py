@@ -15,7 +15,17 @@ from .version import __version__
 STRUCTURES = ("unstructured", "rows", "columns", "none")
 
 # What a field is when neither the user nor the method sets it.
-_GENERAL_DEFAULTS = dict(structure="unstructured", selection="random", density=0.01, r=0)
+_GENERAL_DEFAULTS = dict(
+    structure="unstructured",
+    selection="random",
+    density=0.01,
+    r=0,
+    reselection_steps=0,
+    accumulation_steps=5,
+    initial_reselection_rate=0.2,
+    reselection_rate_policy="linear",
+    regrowth="gradient",
+)
 
 
 @dataclass
@@ -45,6 +55,19 @@ class SparseConfig(PeftConfig):
             Rank of the low-rank part; 0 for none.
         lora_alpha (`float`, *optional*):
             The low-rank part is scaled by lora_alpha / r; defaults to r (a scale of 1).
+        reselection_steps (`int`, *optional*, defaults to `0`):
+            Every this many optimizer steps, drop part of an unstructured support and regrow it
+            elsewhere (SpIEL). 0 keeps the support fixed.
+        accumulation_steps (`int`, *optional*, defaults to `5`):
+            Optimizer steps of gradient statistics behind each regrowth; the first regrowth comes
+            after this many steps.
+        initial_reselection_rate (`float`, *optional*, defaults to `0.2`):
+            Fraction of the support dropped at a regrowth, decaying over training.
+        reselection_rate_policy (`str`, *optional*, defaults to `"linear"`):
+            How that fraction decays to 0 at the last step: "linear" or "cosine".
+        regrowth (`str`, *optional*, defaults to `"gradient"`):
+            Where new entries grow: "gradient" (largest accumulated gradient) or "momentum"
+            (largest SM3-style row × column accumulator, O(rows + cols) memory).
         seed (`int`, defaults to `0`):
             Seed of the random supports; each module derives its own from it and its name.
         init_weights (`bool`, defaults to `True`):
@@ -107,6 +130,35 @@ class SparseConfig(PeftConfig):
     lora_alpha: Optional[float] = field(
         default=None,
         metadata={"help": "The low-rank part is scaled by lora_alpha / r. Defaults to r, a scale of 1."},
+    )
+    reselection_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Every this many optimizer steps, drop part of an unstructured support and regrow it elsewhere "
+            "(SpIEL). 0 keeps the support fixed. Defaults to the method's, else 0."
+        },
+    )
+    accumulation_steps: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Optimizer steps of gradient statistics behind each regrowth; the first regrowth comes after this "
+            "many steps. Defaults to 5."
+        },
+    )
+    initial_reselection_rate: Optional[float] = field(
+        default=None,
+        metadata={"help": "Fraction of the support dropped at a regrowth, decaying over training. Defaults to 0.2."},
+    )
+    reselection_rate_policy: Optional[Literal["linear", "cosine"]] = field(
+        default=None,
+        metadata={"help": "How the dropped fraction decays to 0 at the last step: 'linear' or 'cosine'."},
+    )
+    regrowth: Optional[Literal["gradient", "momentum"]] = field(
+        default=None,
+        metadata={
+            "help": "Where new entries grow: 'gradient' (largest accumulated gradient over the last "
+            "accumulation_steps) or 'momentum' (largest SM3-style row x column accumulator, O(rows + cols) memory)."
+        },
     )
     seed: int = field(
         default=0,
@@ -197,6 +249,22 @@ class SparseConfig(PeftConfig):
                 raise ValueError(f"equivalent_rank={self.equivalent_rank!r} must be a positive integer or None")
         elif not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
             raise ValueError(f"density={self.density!r} must be in (0, 1], e.g. 0.01 for 1% of the entries")
+        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 0:
+            raise ValueError(f"reselection_steps={self.reselection_steps!r} must be an integer >= 0 (0: fixed support)")
+        if self.reselection_steps and self.structure != "unstructured":
+            raise ValueError("reselection_steps > 0 regrows single entries, so it needs structure='unstructured'")
+        if self.reselection_steps:
+            if not isinstance(self.accumulation_steps, int) or not 1 <= self.accumulation_steps <= self.reselection_steps:
+                raise ValueError(
+                    f"accumulation_steps={self.accumulation_steps!r} must be between 1 and reselection_steps "
+                    f"({self.reselection_steps})"
+                )
+            if not 0 < self.initial_reselection_rate <= 1:
+                raise ValueError(f"initial_reselection_rate={self.initial_reselection_rate!r} must be in (0, 1]")
+            if self.reselection_rate_policy not in ("linear", "cosine"):
+                raise ValueError(f"reselection_rate_policy={self.reselection_rate_policy!r}: use 'linear' or 'cosine'")
+            if self.regrowth not in ("gradient", "momentum"):
+                raise ValueError(f"regrowth={self.regrowth!r}: use 'gradient' or 'momentum'")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
         if self.bias not in ("none", "all", "sparse_only"):

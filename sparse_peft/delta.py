@@ -51,6 +51,8 @@ class Delta:
     lora_A: Optional[torch.Tensor] = None
     lora_B: Optional[torch.Tensor] = None
     scaling: float = 1.0
+    # called with the gradient of the unstructured part's output during backward (see ops.SparseLinear)
+    probe: Optional[object] = None
 
     @property
     def is_empty(self) -> bool:
@@ -63,7 +65,7 @@ class Delta:
         """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
         y = None
         if self.values is not None:
-            y = ops.sparse_linear(x, self.values, self.indices, self.out_features)
+            y = ops.sparse_linear(x, self.values, self.indices, self.out_features, self.probe)
         if self.row_block is not None:
             y = _add(y, ops.row_linear(x, self.row_block, self.row_index, self.out_features))
         if self.col_block is not None:

@@ -38,8 +38,9 @@ class SparseLayer(BaseTunerLayer):
 
     # trainable per-adapter tensors
     adapter_layer_names = PARAMETER_NAMES
-    # other per-adapter state: int32 indices (never cast to float, never trained) and the low-rank scale
-    other_param_names = (*INDEX_NAMES, "sparse_scaling")
+    # other per-adapter state: int32 indices (never cast to float, never trained), the low-rank scale,
+    # and the gradient probe a regrowth schedule may attach for a few steps (never saved)
+    other_param_names = (*INDEX_NAMES, "sparse_scaling", "sparse_probe")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -48,6 +49,7 @@ class SparseLayer(BaseTunerLayer):
         for name in INDEX_NAMES:
             setattr(self, name, BufferDict(persistent=True))
         self.sparse_scaling: dict[str, float] = {}
+        self.sparse_probe: dict[str, Any] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -148,6 +150,7 @@ class SparseLayer(BaseTunerLayer):
             lora_A=get(LORA_A),
             lora_B=get(LORA_B),
             scaling=self.sparse_scaling.get(adapter_name, 1.0),
+            probe=self.sparse_probe.get(adapter_name),
         )
         return None if delta.is_empty else delta
 

@@ -85,6 +85,22 @@ def _dense_rows(values, local, rows: int, in_features: int) -> torch.Tensor:
     return values.new_zeros(rows * in_features).index_put_((local,), values).view(rows, in_features)
 
 
+def grad_at(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
+    """(dyᵀ x).flatten()[indices]: the weight gradient at a sorted set of flat positions.
+
+    dy: (N, out), x: (N, in). Sparse (a sampled product) below SPARSE_KERNEL_BELOW_DENSITY,
+    else dense GEMMs over blocks of rows; never an out×in temporary either way.
+    """
+    out_features, in_features = dy.shape[1], x.shape[1]
+    if indices.numel() < SPARSE_KERNEL_BELOW_DENSITY * out_features * in_features:
+        return sampled_grad(dy, x, *split_flat(indices, in_features), dtype)
+    grad = torch.empty(indices.numel(), dtype=dtype, device=dy.device)
+    x = x.to(dtype)
+    for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
+        grad[a:b] = (dy[:, r0:r1].to(dtype).t() @ x).view(-1)[local]
+    return grad
+
+
 class SparseLinear(Function):
     """Update of an unstructured sparse Δ: Δ.flatten()[indices[j]] = values[j], zero elsewhere.
 
@@ -95,10 +111,14 @@ class SparseLinear(Function):
     Nothing of size out×in lives past a call. Below SPARSE_KERNEL_BELOW_DENSITY the products are
     sparse kernels and a sampled gradient; above it, dense GEMMs on blocks of rows of Δ and dW,
     built and dropped one block (≤ 16 MiB) at a time.
+
+    `probe`, if given, is called in backward as probe(dy, x) with dy (N × out) and x (N × in): a
+    way for a schedule to look at gradients outside the support (SpIEL's regrowth) without this
+    function knowing why.
     """
 
     @staticmethod
-    def forward(ctx, x, values, indices, out_features: int):
+    def forward(ctx, x, values, indices, out_features: int, probe=None):
         in_features = x.shape[-1]
         x2 = _rows2d(x).to(values.dtype)
         ctx.use_sparse = values.numel() < SPARSE_KERNEL_BELOW_DENSITY * out_features * in_features
@@ -110,8 +130,10 @@ class SparseLinear(Function):
             y = x2.new_zeros((x2.shape[0], out_features))
             for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
                 y[:, r0:r1] = x2 @ _dense_rows(values[a:b], local, r1 - r0, in_features).t()
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, values, indices)
+        keep_x = ctx.needs_input_grad[1] or probe is not None
+        ctx.save_for_backward(x if keep_x else None, values, indices)
         ctx.x_meta = (x.shape, x.dtype)
+        ctx.probe = probe
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -121,28 +143,23 @@ class SparseLinear(Function):
         in_features = x_shape[-1]
         dy2 = _rows2d(dy).to(values.dtype)
         out_features = dy2.shape[1]
-        want_dx, want_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dvalues = None
-        if ctx.use_sparse:
-            rows, cols = split_flat(indices, in_features)
-            if want_dx:
+        if ctx.needs_input_grad[0]:
+            if ctx.use_sparse:
                 # Δᵀ as a sparse matrix: the transposed pattern is not row-major, so let torch sort it
+                rows, cols = split_flat(indices, in_features)
                 delta_t = _sparse(cols, rows, values, (in_features, out_features), coalesced=False)
                 dx = torch.sparse.mm(delta_t, dy2.t()).t()
-            if want_dv:
-                dvalues = sampled_grad(dy2, _rows2d(x), rows, cols, values.dtype)
-        else:
-            x2 = _rows2d(x).to(values.dtype) if want_dv else None
-            dx = dy2.new_zeros((dy2.shape[0], in_features)) if want_dx else None
-            dvalues = torch.empty_like(values) if want_dv else None
-            for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
-                if want_dx:
+            else:
+                dx = dy2.new_zeros((dy2.shape[0], in_features))
+                for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
                     dx += dy2[:, r0:r1] @ _dense_rows(values[a:b], local, r1 - r0, in_features)
-                if want_dv:
-                    dvalues[a:b] = (dy2[:, r0:r1].t() @ x2).view(-1)[local]
-        if dx is not None:
             dx = dx.reshape(x_shape).to(x_dtype)
-        return dx, dvalues, None, None
+        if ctx.needs_input_grad[1]:
+            dvalues = grad_at(dy2, _rows2d(x), indices, values.dtype)
+        if ctx.probe is not None:
+            ctx.probe(dy2, _rows2d(x))
+        return dx, dvalues, None, None, None
 
 
 class RowLinear(Function):
@@ -239,8 +256,8 @@ class LowRankLinear(Function):
         return dx, da, db, None
 
 
-def sparse_linear(x, values, indices, out_features: int) -> torch.Tensor:
-    return SparseLinear.apply(x, values, indices, out_features)
+def sparse_linear(x, values, indices, out_features: int, probe=None) -> torch.Tensor:
+    return SparseLinear.apply(x, values, indices, out_features, probe)
 
 
 def row_linear(x, block, rows, out_features: int) -> torch.Tensor:

@@ -4,6 +4,16 @@ METHOD = dict(
     name="spiel",
     title="SpIEL: sparse fine-tuning with index pruning and regrowth",
     paper="https://arxiv.org/abs/2401.16405",
-    defaults=dict(structure="unstructured", selection="random", density=0.01, r=0),
-    missing="the drop-and-regrow schedule (issue #3); until then the random start support stays fixed",
+    defaults=dict(
+        structure="unstructured",
+        selection="random",
+        density=0.01,
+        r=0,
+        reselection_steps=20,
+        accumulation_steps=5,
+        initial_reselection_rate=0.2,
+        reselection_rate_policy="linear",
+        regrowth="gradient",
+    ),
+    missing="rank-consistent regrowth under DDP and exact resume of the regrowth statistics (issue #3)",
 )

@@ -1,0 +1,47 @@
+"""The sparse schedules inside any Hugging Face or TRL trainer, as one TrainerCallback.
+
+    trainer = SFTTrainer(..., peft_config=SparseConfig(method="spiel"), callbacks=[SparseCallback()])
+
+No Trainer subclass: the callback builds a `SparseScheduler` once the optimizer exists (at
+`on_train_begin`), steps it after every optimizer step (gradients are still in `.grad` then),
+and adds its statistics (`sparse/density`, `sparse/dropped`, `sparse/regrown`, `sparse/churn`)
+to the next log, so that W&B, TensorBoard and `trainer.state.log_history` show them.
+"""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from .schedule import SparseScheduler
+
+
+class SparseCallback(TrainerCallback):
+    def __init__(self):
+        self.scheduler = None
+        self._pending: dict = {}
+
+    @classmethod
+    def attach(cls, trainer) -> "SparseCallback":
+        """Add the callback first in the trainer's list, so that reporting integrations called after it
+        (W&B, TensorBoard, ...) see its statistics in the same log. Passing it in `callbacks=` also
+        works, but then only `trainer.state.log_history` gets them."""
+        callback = cls()
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.scheduler = SparseScheduler(model, optimizer, total_steps=state.max_steps)
+        # a resumed run continues the schedule where it stopped
+        self.scheduler.step_count = state.global_step
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        stats = self.scheduler.step() if self.scheduler is not None else None
+        if stats:
+            self._pending.update(stats)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self._pending and logs is not None:
+            logs.update(self._pending)
+            if state.log_history:
+                state.log_history[-1].update(self._pending)
+            self._pending = {}

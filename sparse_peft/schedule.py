@@ -1,0 +1,296 @@
+"""What happens between optimizer steps: the drop-and-regrow of unstructured supports (SpIEL).
+
+`SparseScheduler.step()` runs after every optimizer step: `callbacks.SparseCallback` calls it
+inside any HF or TRL Trainer; a hand-written loop calls it right after `optimizer.step()`, before
+the gradients are zeroed. It counts updates, keeps the regrowth statistics, and at each
+reselection rewrites every layer's indices and values in place (same tensors, same size, so the
+optimizer keeps its references) and moves the optimizer's per-element state with them.
+
+Timeline, with R = reselection_steps and A = accumulation_steps, t counting updates from 1:
+reselections happen after updates A, A + R, A + 2R, ... before the last; each one looks at the A
+updates before it. The first one, for gradient regrowth, replaces the whole random start (the
+paper's choice); later ones drop a fraction that decays to 0 at the last update.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+
+
+def drop_fraction(step: int, total: int, initial_rate: float, policy: str) -> float:
+    progress = min(step / total, 1.0)
+    if policy == "linear":
+        return initial_rate * (1.0 - progress)
+    return initial_rate * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def top_positions(
+    block_scores: Callable[[int, int], torch.Tensor],
+    out_features: int,
+    in_features: int,
+    n: int,
+    exclude: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n flat positions of an (out × in) score matrix with the largest |score|, and their scores.
+
+    The matrix is never whole: `block_scores(r0, r1)` gives rows r0:r1, and a running top-n is
+    kept across blocks. Positions in `exclude` (sorted flat indices) never qualify.
+    Returns positions sorted ascending, with their signed scores.
+    """
+    step = max(1, ops._BLOCK_ELEMENTS // in_features)
+    best_pos = torch.empty(0, dtype=torch.long)
+    best_val = torch.empty(0)
+    for r0 in range(0, out_features, step):
+        r1 = min(r0 + step, out_features)
+        block = block_scores(r0, r1).reshape(-1).float()
+        key = block.abs()
+        if exclude is not None and exclude.numel():
+            lo, hi = torch.searchsorted(exclude.long(), torch.tensor([r0 * in_features, r1 * in_features])).tolist()
+            key[exclude[lo:hi].long() - r0 * in_features] = -math.inf
+        take = min(n, key.numel())
+        top = torch.topk(key, take).indices
+        keep = key[top] > -math.inf
+        best_pos = torch.cat([best_pos.to(top.device), top[keep] + r0 * in_features])
+        best_val = torch.cat([best_val.to(block.device), block[top[keep]]])
+        if best_pos.numel() > n:
+            top = torch.topk(best_val.abs(), n).indices
+            best_pos, best_val = best_pos[top], best_val[top]
+    order = best_pos.argsort()
+    return best_pos[order], best_val[order]
+
+
+@dataclass
+class Regrowth:
+    indices: torch.Tensor  # the new support, sorted, int64
+    source: torch.Tensor  # for each new slot, the old slot whose value and state it keeps, or -1
+    dropped: int  # old positions no longer in the support (equal to the new ones grown)
+
+
+def regrow(indices: torch.Tensor, values: torch.Tensor, n_drop: int, candidates: torch.Tensor, scores: torch.Tensor) -> Regrowth:
+    """Drop the n_drop slots of smallest |value|; grow the best-scoring candidates not kept.
+
+    A dropped position that is chosen again keeps its value and optimizer state. If fewer than
+    n_drop candidates qualify, the dropped slots of largest |value| stay, so the size of the
+    support never changes.
+    """
+    k = indices.numel()
+    positions = indices.long()
+    order = torch.argsort(values.detach().abs(), stable=True)  # smallest |value| first
+    outgoing, kept = order[:n_drop], order[n_drop:]
+    eligible = ~torch.isin(candidates, positions[kept])
+    candidates, scores = candidates[eligible], scores[eligible]
+    take = min(n_drop, candidates.numel())
+    chosen = candidates[torch.topk(scores, take).indices] if take else candidates[:0]
+    if take < n_drop:
+        refill = outgoing.flip(0)  # largest |value| first
+        refill = refill[~torch.isin(positions[refill], chosen)][: n_drop - take]
+        kept = torch.cat([kept, refill])
+    new = torch.cat([positions[kept], chosen]).sort().values
+    slot = torch.searchsorted(positions, new).clamp_(max=k - 1)
+    source = torch.where(positions[slot] == new, slot, torch.full_like(slot, -1))
+    return Regrowth(new, source, int((source < 0).sum()))
+
+
+class GradientProbe:
+    """The weight gradient of one layer at candidate positions, summed over an accumulation window.
+
+    Called from `ops.SparseLinear`'s backward with (dy, x). The first call builds the dense
+    gradient one block of rows at a time and keeps the n positions of largest |g| as the
+    candidates; later calls add the gradient at those candidates only. Memory: O(n).
+    """
+
+    def __init__(self, n_candidates: int):
+        self.n = n_candidates
+        self.candidates: Optional[torch.Tensor] = None
+        self.sums: Optional[torch.Tensor] = None
+
+    def __call__(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        if self.candidates is None:
+            out_features, in_features = dy.shape[1], x.shape[1]
+            x32, dy32 = x.float(), dy.float()
+            self.candidates, self.sums = top_positions(
+                lambda r0, r1: dy32[:, r0:r1].t() @ x32, out_features, in_features, self.n
+            )
+        else:
+            self.sums += ops.grad_at(dy, x, self.candidates, torch.float32)
+
+
+def _gather_candidates(candidates: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool every rank's candidates and sums, so that every rank computes the same selection."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return candidates, sums
+    world = dist.get_world_size()
+    size = torch.tensor([candidates.numel()], device=sums.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    # all_gather needs one length: pad with position -1, dropped again below
+    pos = torch.full((longest,), -1, dtype=torch.long, device=sums.device)
+    val = torch.zeros(longest, dtype=torch.float32, device=sums.device)
+    pos[: candidates.numel()], val[: sums.numel()] = candidates, sums
+    all_pos = [torch.empty_like(pos) for _ in range(world)]
+    all_val = [torch.empty_like(val) for _ in range(world)]
+    dist.all_gather(all_pos, pos)
+    dist.all_gather(all_val, val)
+    pos, val = torch.cat(all_pos), torch.cat(all_val)
+    real = pos >= 0
+    unique, inverse = torch.unique(pos[real], return_inverse=True)
+    return unique, torch.zeros(unique.numel(), device=val.device).index_add_(0, inverse, val[real])
+
+
+def _unwrap_optimizer(optimizer):
+    # accelerate's AcceleratedOptimizer and similar wrappers keep the real one in `.optimizer`
+    while optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def remap_optimizer_state(optimizer, param: torch.Tensor, source: torch.Tensor) -> None:
+    """Move per-element optimizer state (Adam's moments, ...) with the slots it belongs to; new slots start at 0."""
+    optimizer = _unwrap_optimizer(optimizer)
+    state = optimizer.state.get(param) if optimizer is not None else None
+    if not state:
+        return
+    keep = source >= 0
+    for value in state.values():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            moved = torch.zeros_like(value)
+            moved[keep] = value[source[keep]]
+            value.copy_(moved)
+
+
+def _find(model):
+    """The PEFT model behind DDP / accelerate wrappers, and its sparse layers."""
+    from .layer import SparseLayer
+
+    while not hasattr(model, "peft_config") and hasattr(model, "module"):
+        model = model.module
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
+    return model, layers
+
+
+class SparseScheduler:
+    """Drop-and-regrow for the unstructured supports of one adapter (SpIEL).
+
+    Args:
+        model: the PEFT model (DDP / accelerate wrappers are looked through).
+        optimizer: the optimizer that trains the adapter; its per-element state follows the indices.
+        total_steps: the number of optimizer steps of the run (the drop fraction decays to 0 there).
+        adapter_name: defaults to the model's active adapter.
+
+    Call `step()` after every `optimizer.step()`, before the gradients are zeroed. It returns the
+    statistics of a reselection when one happened (for logging), else None.
+    """
+
+    def __init__(self, model, optimizer=None, total_steps: Optional[int] = None, adapter_name: Optional[str] = None):
+        model, layers = _find(model)
+        self.adapter = adapter_name or model.active_adapter
+        self.config = model.peft_config[self.adapter]
+        self.optimizer = optimizer
+        self.total = total_steps
+        self.step_count = 0
+        self.layers = {n: m for n, m in layers.items() if self.adapter in m.sparse_values}
+        self.momentum: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.enabled:
+            if not total_steps or total_steps <= 0:
+                raise ValueError(f"the regrowth schedule needs the run's total number of optimizer steps (got {total_steps})")
+            self._arm_probes()
+
+    @property
+    def enabled(self) -> bool:
+        return getattr(self.config, "reselection_steps", 0) > 0 and bool(self.layers)
+
+    def _is_reselection(self, t: int) -> bool:
+        a, r = self.config.accumulation_steps, self.config.reselection_steps
+        return t >= a and (t - a) % r == 0 and t < self.total
+
+    def _arm_probes(self) -> None:
+        """Start gradient statistics if the next update opens an accumulation window."""
+        if self.config.regrowth != "gradient" or not self._is_reselection(self.step_count + self.config.accumulation_steps):
+            return
+        for layer in self.layers.values():
+            layer.sparse_probe[self.adapter] = GradientProbe(layer.sparse_values[self.adapter].numel())
+
+    @torch.no_grad()
+    def _accumulate_momentum(self) -> None:
+        """SM3-style cover accumulators: one per row and one per column, fed by active-slot gradients."""
+        for name, layer in self.layers.items():
+            values = layer.sparse_values[self.adapter]
+            if values.grad is None:
+                continue
+            out_features, in_features = layer.delta_shape
+            if name not in self.momentum:
+                self.momentum[name] = (
+                    torch.zeros(out_features, device=values.device),
+                    torch.zeros(in_features, device=values.device),
+                )
+            row_acc, col_acc = self.momentum[name]
+            rows, cols = ops.split_flat(layer.sparse_indices[self.adapter], in_features)
+            u = torch.minimum(row_acc[rows], col_acc[cols]) + values.grad.float() ** 2
+            row_acc.scatter_reduce_(0, rows, u, "amax")
+            col_acc.scatter_reduce_(0, cols, u, "amax")
+
+    def step(self) -> Optional[dict]:
+        if not self.enabled:
+            return None
+        self.step_count += 1
+        if self.config.regrowth == "momentum":
+            self._accumulate_momentum()
+        stats = self._reselect() if self._is_reselection(self.step_count) else None
+        self._arm_probes()
+        return stats
+
+    @torch.no_grad()
+    def _reselect(self) -> dict:
+        t, config = self.step_count, self.config
+        first = t == config.accumulation_steps
+        if first and config.regrowth == "gradient":
+            fraction = 1.0
+        else:
+            fraction = drop_fraction(t, self.total, config.initial_reselection_rate, config.reselection_rate_policy)
+        total_k = total_numel = dropped = regrown = 0
+        for name, layer in self.layers.items():
+            values, indices = layer.sparse_values[self.adapter], layer.sparse_indices[self.adapter]
+            k = values.numel()
+            out_features, in_features = layer.delta_shape
+            total_k, total_numel = total_k + k, total_numel + out_features * in_features
+            n_drop = int(k * fraction)
+            probe = layer.sparse_probe.pop(self.adapter, None)
+            if config.regrowth == "gradient":
+                if probe is None or probe.candidates is None:
+                    continue  # this layer saw no backward in the window
+                candidates, sums = _gather_candidates(probe.candidates, probe.sums)
+                scores = sums.abs()
+            else:
+                if name not in self.momentum:
+                    continue
+                row_acc, col_acc = self.momentum[name]
+                # every active position is excluded, the ones being dropped too: regrowth goes elsewhere
+                candidates, scores = top_positions(
+                    lambda r0, r1: row_acc[r0:r1, None] * col_acc[None, :], out_features, in_features, n_drop, indices
+                )
+            if n_drop == 0:
+                continue
+            result = regrow(indices, values, n_drop, candidates.to(indices.device), scores.to(values.device))
+            keep = result.source >= 0
+            moved = torch.zeros_like(values)
+            moved[keep] = values[result.source[keep]]
+            values.copy_(moved)
+            indices.copy_(result.indices.to(indices.dtype))
+            remap_optimizer_state(self.optimizer, values, result.source)
+            dropped += n_drop
+            regrown += result.dropped  # as many new positions as old ones left
+        return {
+            "sparse/density": total_k / max(total_numel, 1),
+            "sparse/drop_fraction": fraction,
+            "sparse/dropped": dropped,
+            "sparse/regrown": regrown,
+            "sparse/churn": regrown / max(total_k, 1),
+        }

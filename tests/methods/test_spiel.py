@@ -1,0 +1,278 @@
+"""SpIEL: drop-and-regrow of unstructured supports, checked against brute-force references."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import get_peft_model
+
+import sparse_peft
+from sparse_peft import SparseConfig, SparseScheduler, ops
+from sparse_peft.schedule import GradientProbe, drop_fraction, regrow, top_positions
+
+
+def test_drop_fraction_follows_the_papers_policies():
+    # values from the official schedule with T = 100 (see the method notes)
+    assert drop_fraction(25, 100, 0.2, "linear") == pytest.approx(0.150)
+    assert drop_fraction(45, 100, 0.2, "linear") == pytest.approx(0.110)
+    assert drop_fraction(85, 100, 0.2, "linear") == pytest.approx(0.030)
+    assert drop_fraction(5, 100, 0.2, "cosine") == pytest.approx(0.199, abs=1e-3)
+    assert drop_fraction(65, 100, 0.2, "cosine") == pytest.approx(0.055, abs=1e-3)
+
+
+def _reference_regrow(indices, values, n_drop, candidates, scores):
+    """The rule in plain Python sets: drop the n smallest |v|, add the n best candidates not kept."""
+    slots = sorted(range(len(indices)), key=lambda j: (abs(values[j]), j))
+    kept = {indices[j] for j in slots[n_drop:]}
+    ranked = sorted((c for c in zip(scores, candidates) if c[1] not in kept), reverse=True)
+    grown = [pos for _, pos in ranked[:n_drop]]
+    return sorted(kept | set(grown))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_regrow_matches_a_set_reference(seed):
+    g = torch.Generator().manual_seed(seed)
+    numel, k, n_drop = 200, 30, 8
+    indices = torch.randperm(numel, generator=g)[:k].sort().values
+    values = torch.randn(k, generator=g)
+    candidates = torch.randperm(numel, generator=g)[:40].sort().values  # may overlap the support
+    scores = torch.rand(40, generator=g)
+    result = regrow(indices, values, n_drop, candidates, scores)
+    expected = _reference_regrow(indices.tolist(), values.tolist(), n_drop, candidates.tolist(), scores.tolist())
+    assert result.indices.tolist() == expected
+    # each slot that stays keeps its value; new slots are marked -1
+    for slot, pos in enumerate(result.indices.tolist()):
+        src = int(result.source[slot])
+        if pos in indices.tolist():
+            assert src == indices.tolist().index(pos)
+        else:
+            assert src == -1
+
+
+def test_regrow_keeps_the_size_when_candidates_run_out():
+    indices = torch.tensor([1, 4, 7, 9])
+    values = torch.tensor([0.1, -2.0, 0.3, 0.05])
+    result = regrow(indices, values, 3, torch.tensor([5]), torch.tensor([1.0]))
+    # drops 9 (0.05), 1 (0.1), 7 (0.3); grows 5; the best dropped (7, then 1) come back to fill the size
+    assert result.indices.tolist() == [1, 4, 5, 7]
+    assert result.dropped == 1
+
+
+@pytest.mark.parametrize("block", [1 << 22, 7])
+def test_top_positions_streams_over_row_blocks(block, monkeypatch):
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", block)
+    scores = torch.randn(9, 5)
+    exclude = torch.tensor([0, 3, 12, 44])
+    pos, val = top_positions(lambda r0, r1: scores[r0:r1], 9, 5, 6, exclude)
+    flat = scores.reshape(-1).clone()
+    masked = flat.abs().clone()
+    masked[exclude] = -1
+    expected = masked.topk(6).indices.sort().values
+    assert pos.tolist() == expected.tolist()
+    assert torch.equal(val, flat[expected])
+
+
+def test_gradient_probe_sums_the_gradient_at_the_first_batchs_top_candidates():
+    torch.manual_seed(0)
+    probe = GradientProbe(n_candidates=7)
+    batches = [(torch.randn(6, 4), torch.randn(6, 5)) for _ in range(3)]
+    for dy, x in batches:
+        probe(dy, x)
+    first = (batches[0][0].t() @ batches[0][1]).reshape(-1)
+    expected_candidates = first.abs().topk(7).indices.sort().values
+    assert probe.candidates.tolist() == expected_candidates.tolist()
+    total = sum(dy.t() @ x for dy, x in batches).reshape(-1)
+    assert torch.allclose(probe.sums, total[expected_candidates], atol=1e-5)
+
+
+class Teacher(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(24, 24, bias=False)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _regression_run(regrowth, reselection_steps, steps=60, seed=0):
+    """A student must learn a sparse change of its weight that its random start support mostly misses."""
+    torch.manual_seed(seed)
+    student = Teacher()
+    target = copy.deepcopy(student)
+    with torch.no_grad():
+        hit = torch.randperm(24 * 24)[:24]
+        target.proj.weight.view(-1)[hit] += 1.0
+    config = SparseConfig(
+        target_modules=["proj"], density=24 / (24 * 24), reselection_steps=reselection_steps, accumulation_steps=2,
+        initial_reselection_rate=0.5, regrowth=regrowth, seed=seed,
+    )
+    model = get_peft_model(student, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
+    scheduler = SparseScheduler(model, optimizer, total_steps=steps)
+    layer = model.base_model.model.proj
+    history = []
+    for _ in range(steps):
+        x = torch.randn(64, 24)
+        loss = (model(x) - target(x)).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        stats = scheduler.step()
+        optimizer.zero_grad()
+        idx = layer.sparse_indices["default"]
+        assert idx.numel() == 24 and idx.dtype == torch.int32 and bool((idx[1:] > idx[:-1]).all())
+        history.append(stats)
+    x = torch.randn(256, 24)
+    with torch.no_grad():
+        final = (model(x) - target(x)).pow(2).mean().item()
+    found = torch.isin(layer.sparse_indices["default"].long(), hit).sum().item()
+    return final, found, history
+
+
+def test_gradient_regrowth_finds_a_support_the_random_start_misses():
+    fixed_loss, fixed_found, _ = _regression_run("gradient", reselection_steps=0)
+    loss, found, history = _regression_run("gradient", reselection_steps=10)
+    assert found > fixed_found + 8, (found, fixed_found)
+    assert loss < 0.5 * fixed_loss, (loss, fixed_loss)
+    logged = [h for h in history if h]
+    assert logged and all(h["sparse/density"] == pytest.approx(24 / 576) for h in logged)
+
+
+def test_optimizer_moments_follow_their_indices():
+    torch.manual_seed(0)
+    model = get_peft_model(Teacher(), SparseConfig(target_modules=["proj"], density=0.1, reselection_steps=4, accumulation_steps=2))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    scheduler = SparseScheduler(model, optimizer, total_steps=100)
+    layer = model.base_model.model.proj
+    values = layer.sparse_values["default"]
+    checked = False
+    for step in range(1, 7):
+        model(torch.randn(16, 24)).pow(2).mean().backward()
+        optimizer.step()
+        before_idx = layer.sparse_indices["default"].clone()
+        before = {k: v.clone() for k, v in optimizer.state[values].items() if torch.is_tensor(v) and v.shape == values.shape}
+        before_vals = values.detach().clone()
+        stats = scheduler.step()
+        optimizer.zero_grad()
+        if stats is None:
+            continue
+        after_idx = layer.sparse_indices["default"]
+        assert stats["sparse/regrown"] > 0
+        old = {int(p): j for j, p in enumerate(before_idx)}
+        for j, p in enumerate(after_idx.tolist()):
+            for key, moment in before.items():
+                expected = moment[old[p]] if p in old else 0.0
+                assert optimizer.state[values][key][j] == expected, (key, p)
+            assert values[j] == (before_vals[old[p]] if p in old else 0.0)
+        checked = True
+    assert checked
+
+
+def test_the_first_gradient_reselection_replaces_the_random_start():
+    torch.manual_seed(0)
+    model = get_peft_model(Teacher(), SparseConfig(method="spiel", target_modules=["proj"], density=0.05))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    scheduler = SparseScheduler(model, optimizer, total_steps=100)
+    layer = model.base_model.model.proj
+    start = layer.sparse_indices["default"].clone()
+    for _ in range(5):  # SpIEL: accumulation_steps = 5
+        model(torch.randn(16, 24)).pow(2).mean().backward()
+        optimizer.step()
+        stats = scheduler.step()
+        optimizer.zero_grad()
+    assert stats["sparse/drop_fraction"] == 1.0
+    assert not torch.equal(start, layer.sparse_indices["default"])
+    assert layer.sparse_probe == {}  # the window closed; the next opens at update 20
+
+
+def test_trainer_callback_regrows_and_logs(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from ..conftest import tiny_llama
+
+    torch.manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (24, 12))]
+    model = get_peft_model(
+        tiny_llama().train(),
+        SparseConfig(target_modules="all-linear", density=0.05, reselection_steps=3, accumulation_steps=2),
+    )
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=6,
+        learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    callback = sparse_peft.SparseCallback.attach(trainer)
+    trainer.train()
+    assert callback.scheduler.step_count == 6
+    logged = [h for h in trainer.state.log_history if "sparse/churn" in h]
+    assert [h["step"] for h in logged] == [2, 5]
+    assert logged[0]["sparse/drop_fraction"] == 1.0 and logged[0]["sparse/regrown"] > 0
+
+
+def test_momentum_regrowth_matches_a_brute_force_sm3_reference():
+    """Accumulators by loops over the active entries; growth = best row × column score off the support."""
+    torch.manual_seed(0)
+    config = SparseConfig(target_modules=["proj"], density=0.1, reselection_steps=10, accumulation_steps=3, regrowth="momentum")
+    model = get_peft_model(Teacher(), config)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = SparseScheduler(model, optimizer, total_steps=100)
+    layer = model.base_model.model.proj
+    values = layer.sparse_values["default"]
+    row_acc, col_acc = [0.0] * 24, [0.0] * 24
+    for step in range(1, 4):
+        model(torch.randn(16, 24) * torch.linspace(0.1, 3, 24)).pow(2).mean().backward()
+        optimizer.step()
+        grads, indices = values.grad.clone(), layer.sparse_indices["default"].tolist()
+        before_values = values.detach().clone()
+        u = [min(row_acc[p // 24], col_acc[p % 24]) + float(g) ** 2 for p, g in zip(indices, grads)]
+        new_row, new_col = list(row_acc), list(col_acc)
+        for p, uj in zip(indices, u):
+            new_row[p // 24] = max(new_row[p // 24], uj)
+            new_col[p % 24] = max(new_col[p % 24], uj)
+        row_acc, col_acc = new_row, new_col
+        stats = scheduler.step()
+        optimizer.zero_grad()
+    assert stats is not None
+    n = int(len(indices) * stats["sparse/drop_fraction"])
+    order = sorted(range(len(indices)), key=lambda j: (abs(float(before_values[j])), j))
+    kept = {indices[j] for j in order[n:]}
+    outside = [p for p in range(24 * 24) if p not in indices]
+    grown = sorted(outside, key=lambda p: -row_acc[p // 24] * col_acc[p % 24])[:n]
+    assert layer.sparse_indices["default"].tolist() == sorted(kept | set(grown))
+    assert [len(a) for a in scheduler.momentum["base_model.model.proj"]] == [24, 24]  # O(rows + cols)
+
+
+def _distill(reselection_steps, steps=60):
+    """A tiny Llama learns a teacher that differs from it at a few entries of every projection."""
+    from ..conftest import tiny_llama
+
+    student, teacher = tiny_llama(seed=0), tiny_llama(seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, module in teacher.named_modules():
+            if isinstance(module, nn.Linear) and "lm_head" not in name:
+                w = module.weight.view(-1)
+                w[torch.randperm(w.numel(), generator=g)[: w.numel() // 50]] += 0.3
+    config = SparseConfig(
+        target_modules="all-linear", density=0.02, reselection_steps=reselection_steps, accumulation_steps=2, seed=3
+    )
+    model = get_peft_model(student, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02, weight_decay=0.0)
+    scheduler = SparseScheduler(model, optimizer, total_steps=steps)
+    data = torch.randint(0, 128, (steps + 1, 8, 16), generator=g)
+    for batch in data[:-1]:
+        with torch.no_grad():
+            target = teacher(batch).logits
+        (model(batch).logits - target).pow(2).mean().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        return (model(data[-1]).logits - teacher(data[-1]).logits).pow(2).mean().item()
+
+
+def test_tiny_llama_learns_more_with_regrowth_than_with_a_fixed_support():
+    fixed, regrown = _distill(0), _distill(10)
+    assert regrown < 0.7 * fixed, (regrown, fixed)
