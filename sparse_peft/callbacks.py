@@ -10,9 +10,16 @@ to the next log, so that W&B, TensorBoard and `trainer.state.log_history` show t
 
 from __future__ import annotations
 
+import os
+import warnings
+
+from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from .schedule import SparseScheduler
+
+
+STATE_FILE = "sparse_scheduler.safetensors"
 
 
 class SparseCallback(TrainerCallback):
@@ -31,8 +38,21 @@ class SparseCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.scheduler = SparseScheduler(model, optimizer, total_steps=state.max_steps)
-        # a resumed run continues the schedule where it stopped
-        self.scheduler.step_count = state.global_step
+        if state.global_step and self.scheduler.enabled:
+            # a resumed run: the Trainer has restored the adapter and the optimizer; restore the schedule
+            path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+            if os.path.isfile(path):
+                self.scheduler.load_state_dict(load_file(path))
+            else:
+                warnings.warn(f"no {STATE_FILE} beside the checkpoint of step {state.global_step}: the regrowth "
+                              "statistics restart empty", stacklevel=2)
+                self.scheduler.step_count = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.scheduler is not None and self.scheduler.enabled:
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            if os.path.isdir(folder):
+                save_file(self.scheduler.state_dict(), os.path.join(folder, STATE_FILE))
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         stats = self.scheduler.step() if self.scheduler is not None else None

@@ -237,6 +237,34 @@ class SparseScheduler:
             row_acc.scatter_reduce_(0, rows, u, "amax")
             col_acc.scatter_reduce_(0, cols, u, "amax")
 
+    # -- checkpoints: everything a resumed run needs to continue exactly -----------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"step_count": torch.tensor([self.step_count])}
+        for name, (rows, cols) in self.momentum.items():
+            state[f"momentum.{name}.rows"], state[f"momentum.{name}.cols"] = rows, cols
+        for name, layer in self.layers.items():
+            probe = layer.sparse_probe.get(self.adapter)
+            if probe is not None:
+                state[f"probe.{name}.size"] = torch.tensor([probe.n])
+                if probe.candidates is not None:
+                    state[f"probe.{name}.candidates"], state[f"probe.{name}.sums"] = probe.candidates, probe.sums
+        return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.step_count = int(state["step_count"][0])
+        self.momentum = {}
+        for name, layer in self.layers.items():
+            layer.sparse_probe.pop(self.adapter, None)
+            device = layer.sparse_values[self.adapter].device
+            if f"momentum.{name}.rows" in state:
+                self.momentum[name] = (state[f"momentum.{name}.rows"].to(device), state[f"momentum.{name}.cols"].to(device))
+            if f"probe.{name}.size" in state:
+                probe = GradientProbe(int(state[f"probe.{name}.size"][0]))
+                if f"probe.{name}.candidates" in state:
+                    probe.candidates = state[f"probe.{name}.candidates"].to(device)
+                    probe.sums = state[f"probe.{name}.sums"].to(device)
+                layer.sparse_probe[self.adapter] = probe
+
     def step(self) -> Optional[dict]:
         if not self.enabled:
             return None
