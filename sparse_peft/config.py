@@ -49,6 +49,9 @@ class SparseConfig(PeftConfig):
         equivalent_rank (`int`, *optional*):
             If set, replaces `density`: each layer trains as many sparse parameters as a LoRA of this
             rank would, r·(in + out).
+        num_trainable (`int`, *optional*):
+            If set, replaces `density` and `equivalent_rank`: the total number of sparse parameters
+            over all target layers, spread in proportion to each layer's size.
         selection (`str`, *optional*, defaults to `"random"`):
             How the support is chosen: "random", "magnitude" (largest |w|) or "small_magnitude".
         r (`int`, *optional*, defaults to `0`):
@@ -114,6 +117,14 @@ class SparseConfig(PeftConfig):
         metadata={
             "help": "If set, replaces `density`: each layer trains as many sparse parameters as a LoRA of this rank "
             "would, r*(in + out). Useful to compare with LoRA at an equal budget."
+        },
+    )
+    num_trainable: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "If set, replaces `density` and `equivalent_rank`: the total number of sparse parameters over all "
+            "target layers, spread in proportion to each layer's size (SpIEL's budget). The density it gives is "
+            "written into `density` when the adapter is created."
         },
     )
     selection: Optional[Literal["random", "magnitude", "small_magnitude"]] = field(
@@ -244,6 +255,10 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"r={self.r!r} must be an integer >= 0 (0 disables the low-rank part)")
         if self.structure == "none" and self.r == 0:
             raise ValueError("structure='none' trains no sparse part, so r must be > 0; or pick a structure")
+        if self.num_trainable is not None and (not isinstance(self.num_trainable, int) or self.num_trainable <= 0):
+            raise ValueError(f"num_trainable={self.num_trainable!r} must be a positive integer or None")
+        if self.num_trainable is not None and self.equivalent_rank is not None:
+            raise ValueError("set one of num_trainable and equivalent_rank, not both")
         if self.equivalent_rank is not None:
             if not isinstance(self.equivalent_rank, int) or self.equivalent_rank <= 0:
                 raise ValueError(f"equivalent_rank={self.equivalent_rank!r} must be a positive integer or None")

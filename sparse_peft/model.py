@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_quantization_kwargs
 from peft.utils import resolve_quantization_backend
 from transformers.pytorch_utils import Conv1D
@@ -59,6 +59,8 @@ class SparseModel(BaseTuner):
     target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
+        if config.num_trainable is not None:
+            self._spread_budget(config)
         if isinstance(target, SparseLayer):
             target.update_layer(adapter_name, config, current_key, inference_mode=config.inference_mode)
             return
@@ -73,6 +75,24 @@ class SparseModel(BaseTuner):
             # an added adapter is not trainable until it is made active
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _spread_budget(self, config) -> None:
+        """Turn a total budget into the density that spreads it over the targets by size (once per config)."""
+        if getattr(config, "_budget_spread", False):
+            return
+        total = 0
+        for key, module in self.model.named_modules():
+            base = module.get_base_layer() if isinstance(module, SparseLayer) else module
+            if self._check_target_module_exists(config, key) and _layer_class(base) is not None:
+                if isinstance(base, nn.Conv2d):
+                    total += base.weight.numel()
+                else:  # never weight.numel(): bitsandbytes packs 4-bit weights two to a byte
+                    in_features, out_features = _get_in_out_features(base)
+                    total += in_features * out_features
+        if total == 0:
+            return
+        config.density = min(1.0, config.num_trainable / total)
+        config._budget_spread = True
 
     def _replace_module(self, parent, child_name, new_module, child):
         # BaseTuner's version breaks merge_and_unload when trainable_token_indices is used (it assigns

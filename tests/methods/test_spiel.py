@@ -304,3 +304,54 @@ def test_resuming_from_a_trainer_checkpoint_matches_the_uninterrupted_run(tmp_pa
     resumed = run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-5"))
     for key in full:
         assert torch.allclose(full[key].float(), resumed[key].float(), atol=1e-6), key
+
+
+@pytest.mark.parametrize("setting", ["gradient-checkpointing", "bf16", "4-bit"])
+def test_regrowth_under_checkpointing_bf16_and_a_4bit_base(setting, tmp_path):
+    from ..conftest import tiny_llama
+
+    torch.manual_seed(0)
+    if setting == "4-bit":
+        pytest.importorskip("bitsandbytes")
+        from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+        base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map={"": "cpu"})
+    else:
+        base = tiny_llama().train()
+        if setting == "bf16":
+            base = base.to(torch.bfloat16)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    config = SparseConfig(target_modules="all-linear", density=0.05, reselection_steps=3, accumulation_steps=2)
+    model = get_peft_model(base, config)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = SparseScheduler(model, optimizer, total_steps=10)
+    start = {n: m.sparse_indices["default"].clone() for n, m in scheduler.layers.items()}
+    for _ in range(5):
+        ids = torch.randint(0, 128, (2, 10))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    assert all(not torch.equal(start[n], m.sparse_indices["default"]) for n, m in scheduler.layers.items())
+    assert all(m.sparse_values["default"].dtype == torch.float32 for m in scheduler.layers.values())
+
+
+def test_a_total_budget_is_spread_over_the_targets_by_size(tmp_path):
+    from peft import PeftModel
+
+    from ..conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules="all-linear", num_trainable=3000))
+    layers = [m for m in model.modules() if isinstance(m, sparse_peft.SparseLayer)]
+    sizes = [m.out_features * m.in_features for m in layers]
+    counts = [m.sparse_values["default"].numel() for m in layers]
+    assert abs(sum(counts) - 3000) <= len(layers)
+    for size, count in zip(sizes, counts):
+        assert count == pytest.approx(3000 * size / sum(sizes), abs=1)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert sum(m.sparse_values["default"].numel() for m in reloaded.modules() if isinstance(m, sparse_peft.SparseLayer)) == sum(counts)
