@@ -27,11 +27,14 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparse_peft  # noqa: F401  (registers SparseConfig with PEFT)
-from sparse_peft import SparseConfig
+from sparse_peft import SparseConfig, SparseScheduler
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SETUPS = ["floor", "full FT", "PEFT LoRA", "sparse unstructured", "sparse rows", "sparse columns", "sparse low-rank"]
+SETUPS = [
+    "floor", "full FT", "PEFT LoRA", "sparse unstructured", "sparse rows", "sparse columns", "sparse low-rank",
+    "sparse SpIEL-AG", "sparse SpIEL-MA",
+]
 MiB = 2**20
 
 
@@ -79,6 +82,11 @@ def make_model(name: str, base: LlamaForCausalLM) -> torch.nn.Module:
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
     elif name == "sparse low-rank":
         model = get_peft_model(model, SparseConfig(structure="none", r=8, **sparse))
+    elif "SpIEL" in name:
+        # a short cycle, so that the timed steps include regrowth windows and reselections
+        regrowth = "gradient" if name.endswith("AG") else "momentum"
+        spiel = dict(reselection_steps=3, accumulation_steps=2, regrowth=regrowth)
+        model = get_peft_model(model, SparseConfig(method="spiel", equivalent_rank=8, **spiel, **sparse))
     elif name.startswith("sparse"):
         structure = name.split()[1]
         model = get_peft_model(model, SparseConfig(structure=structure, equivalent_rank=8, **sparse))
@@ -96,6 +104,8 @@ class Setup:
         self.model = make_model(name, base).to(device)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.trainable, lr=1e-4) if self.trainable else None
+        self.scheduler = SparseScheduler(self.model, self.opt, total_steps=1000) if "SpIEL" in name else None
+        self.schedule_bytes = 0  # the most the regrowth statistics held at once
 
     def loss(self) -> torch.Tensor:
         return self.model(input_ids=self.batch, labels=self.batch).loss
@@ -108,6 +118,9 @@ class Setup:
         self.loss().backward()
         if self.opt is not None:
             self.opt.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+                self.schedule_bytes = max(self.schedule_bytes, sum(t.nbytes for t in self.scheduler.state_dict().values()))
             self.opt.zero_grad(set_to_none=False)  # keep the gradient buffers, as a training loop does
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -122,6 +135,7 @@ class Setup:
             weights=sum(t.nbytes for t in (*self.model.parameters(), *self.model.buffers())),
             grads=sum(p.grad.nbytes for p in self.trainable if p.grad is not None),
             adamw=sum(t.nbytes for state in states for t in state.values() if torch.is_tensor(t)),
+            schedule=self.schedule_bytes,
             step_s=statistics.median(times),
         )
 
@@ -175,6 +189,8 @@ def tables(rows: list[dict], cuda: bool) -> tuple[str, str]:
         "weights (MiB)": (lambda r: r["weights"] / MiB, "{:.2f}"),
         "grads (MiB)": (lambda r: r["grads"] / MiB, "{:.2f}"),
         "AdamW state (MiB)": (lambda r: r["adamw"] / MiB, "{:.2f}"),
+        "regrowth state (MiB)": (lambda r: r["schedule"] / MiB, "{:.2f}"),
+        "total (MiB)": (lambda r: (r["saved"] + r["weights"] + r["grads"] + r["adamw"] + r["schedule"]) / MiB, "{:.2f}"),
         "step (ms)": (lambda r: r["step_s"] * 1e3, "{:.1f}"),
     }
     if cuda:
@@ -229,11 +245,18 @@ itself keeps. LoRA and the sparse layers should add about one copy of each targe
 SDPA keeps anyway); LoRA also keeps its rank-r hidden `x Aᵀ`, which our low-rank op recomputes.
 The column form keeps only `x[:, cols]`, the columns it trains, so it adds a fraction of the
 others. *Weights* include the frozen base and the adapters' index buffers; *grads* and *AdamW
-state* cover what trains. The byte counts are exact and do not depend on the load of the machine.
+state* cover what trains; *total* adds up every column in MiB, the memory a training step holds at its
+peak on top of transient buffers. The byte counts are exact and do not depend on the load of the machine.
 Step time (forward, backward, AdamW) is the median of {args.steps} steps after 2 warm-up steps, the
 setups taking turns; on a CPU it reflects CPU kernels, not what a GPU would show. The unstructured
 form multiplies by dense row blocks of Δ and dW built on the fly (more FLOPs than LoRA, but GEMMs),
 which is where its extra time goes.
+
+The SpIEL rows are the unstructured form with its drop-and-regrow schedule running on a short cycle
+(regrow every 3 steps from 2 steps of statistics), so the timed steps include statistics windows
+and reselections. *Regrowth state* is the most the schedule held at once: for gradient regrowth
+(AG) a candidate position (int64) and a gradient sum (fp32) per trainable entry during a window;
+for momentum regrowth (MA) one fp32 accumulator per row and per column of each weight.
 
 ## Per-layer check: the column form
 
