@@ -12,6 +12,7 @@ from .delta import Delta
 from .layer import Conv2d, Linear, SparseLayer
 from .methods import METHODS
 from .model import SparseModel
+from .optim import SparseSM3
 from .schedule import SparseScheduler
 from .version import __version__
 
@@ -28,6 +29,7 @@ __all__ = [
     "SparseLayer",
     "SparseModel",
     "SparsePeftType",
+    "SparseSM3",
     "SparseScheduler",
     "__version__",
 ]

@@ -220,7 +220,19 @@ class SparseScheduler:
 
     @torch.no_grad()
     def _accumulate_momentum(self) -> None:
-        """SM3-style cover accumulators: one per row and one per column, fed by active-slot gradients."""
+        """SM3-style cover accumulators: one per row and one per column, fed by active-slot gradients.
+
+        Under `SparseSM3` the optimizer keeps exactly these: use its own rather than a second copy.
+        """
+        from .optim import SparseSM3
+
+        optimizer = _unwrap_optimizer(self.optimizer)
+        if isinstance(optimizer, SparseSM3):
+            for name, layer in self.layers.items():
+                accumulators = optimizer.accumulators(layer.sparse_values[self.adapter])
+                if accumulators is not None:
+                    self.momentum[name] = accumulators
+            return
         for name, layer in self.layers.items():
             values = layer.sparse_values[self.adapter]
             if values.grad is None:

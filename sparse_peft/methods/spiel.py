@@ -15,5 +15,4 @@ METHOD = dict(
         reselection_rate_policy="linear",
         regrowth="gradient",
     ),
-    missing="rank-consistent regrowth under DDP and exact resume of the regrowth statistics (issue #3)",
 )

@@ -355,3 +355,34 @@ def test_a_total_budget_is_spread_over_the_targets_by_size(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
     assert sum(m.sparse_values["default"].numel() for m in reloaded.modules() if isinstance(m, sparse_peft.SparseLayer)) == sum(counts)
+
+
+def test_sm3_matches_a_hand_written_update_and_feeds_momentum_regrowth():
+    torch.manual_seed(0)
+    config = SparseConfig(target_modules=["proj"], density=0.1, reselection_steps=4, accumulation_steps=2, regrowth="momentum")
+    model = get_peft_model(Teacher(), config)
+    optimizer = sparse_peft.SparseSM3(model, lr=0.1, weight_decay=0.01)
+    scheduler = SparseScheduler(model, optimizer, total_steps=20)
+    layer = model.base_model.model.proj
+    values = layer.sparse_values["default"]
+    row, col = torch.zeros(24), torch.zeros(24)
+    for step in range(4):
+        model(torch.randn(16, 24)).pow(2).mean().backward()
+        p, g, idx = values.detach().clone(), values.grad.clone(), layer.sparse_indices["default"].long()
+        expected = p.clone()
+        for j, (pos, gj) in enumerate(zip(idx.tolist(), g.tolist())):
+            u = min(float(row[pos // 24]), float(col[pos % 24])) + gj * gj
+            expected[j] = p[j] * (1 - 0.1 * 0.01) - 0.1 * gj / (u + 1e-30) ** 0.5
+        u_all = torch.minimum(row[idx // 24], col[idx % 24]) + g * g
+        for j, pos in enumerate(idx.tolist()):
+            row[pos // 24] = max(row[pos // 24], u_all[j])
+            col[pos % 24] = max(col[pos % 24], u_all[j])
+        optimizer.step()
+        assert torch.allclose(values.detach(), expected, atol=1e-6)
+        scheduler.step()
+        optimizer.zero_grad()
+    state = optimizer.state[values]
+    assert torch.allclose(state["row"], row) and torch.allclose(state["col"], col)
+    # O(rows + cols) state, shared with the regrowth schedule rather than copied
+    assert scheduler.momentum["base_model.model.proj"][0] is state["row"]
+    assert sum(t.numel() for t in state.values()) == 48
