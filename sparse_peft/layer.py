@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils import resolve_quantization_backend
 from transformers.pytorch_utils import Conv1D
 
+from . import ops
 from .config import SparseConfig
 from .delta import (
     COL_BLOCK,
@@ -203,14 +204,21 @@ class SparseLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        deltas = [d for d in (self.get_delta(name) for name in self.active_adapters) if d is not None]
+        if len(deltas) == 1 and not args and not kwargs:
+            fused = self._fused_forward(x, deltas[0])
+            if fused is not None:
+                return fused
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
-        for name in self.active_adapters:
-            delta = self.get_delta(name)
-            if delta is not None:
-                result = result + self._delta_forward(x, delta).to(result.dtype)
+        for delta in deltas:
+            result = result + self._delta_forward(x, delta).to(result.dtype)
         return result
+
+    def _fused_forward(self, x: torch.Tensor, delta: Delta) -> Optional[torch.Tensor]:
+        """The whole layer in one op where that is exact and faster; None where it is not."""
+        return None
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -241,6 +249,20 @@ class Linear(_Module):
 
     def _from_2d(self, weight2d):
         return weight2d.t() if self._transposed else weight2d
+
+    def _fused_forward(self, x, delta):
+        # One GEMM against a scratch W + Δ (ops.MergedSparseLinear) instead of base GEMM + sparse
+        # product: only for a plain, frozen nn.Linear with no hooks (the base layer's forward is
+        # skipped), an unstructured-only Δ, and values of the weight's dtype (no rounding of Δ).
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        if delta.values is None or any(t is not None for t in (delta.row_block, delta.col_block, delta.lora_A)):
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != delta.values.dtype:
+            return None
+        return ops.merged_sparse_linear(x, weight, bias, delta.values, delta.indices, delta.probe)
 
 
 class Conv2d(_Module):

@@ -162,6 +162,47 @@ class SparseLinear(Function):
         return dx, dvalues, None, None, None
 
 
+class MergedSparseLinear(Function):
+    """The whole layer, x (W + Δ)ᵀ + b, for a frozen dense W and an unstructured Δ, in one GEMM.
+
+    The sparse update alone costs a second product per pass (`SparseLinear`); folding Δ into a
+    scratch copy of W costs a copy instead, which is cheaper whenever the GEMM dominates. The
+    copy is built in forward and again in backward, never kept: what is saved is x (for the
+    gradient at the support) and references to W, b, values and indices. W and b get no gradient.
+    W and values must share a dtype, so that no small delta is rounded away in the copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, probe=None):
+        w = _merged(weight, values, indices)
+        y = torch.nn.functional.linear(x, w, bias)
+        keep_x = ctx.needs_input_grad[3] or probe is not None
+        ctx.save_for_backward(x if keep_x else None, weight, values, indices)
+        ctx.x_meta = (x.shape, x.dtype)
+        ctx.probe = probe
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, values, indices = ctx.saved_tensors
+        x_shape, x_dtype = ctx.x_meta
+        dy2 = _rows2d(dy)
+        dx = dvalues = None
+        if ctx.needs_input_grad[0]:
+            dx = (dy2.to(weight.dtype) @ _merged(weight, values, indices)).reshape(x_shape).to(x_dtype)
+        if ctx.needs_input_grad[3]:
+            dvalues = grad_at(dy2.to(values.dtype), _rows2d(x), indices, values.dtype)
+        if ctx.probe is not None:
+            ctx.probe(dy2.to(values.dtype), _rows2d(x))
+        return dx, None, None, dvalues, None, None
+
+
+def _merged(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    merged = weight.detach().clone()
+    merged.view(-1).index_put_((indices.long(),), values.detach(), accumulate=True)
+    return merged
+
+
 class RowLinear(Function):
     """Update of trainable output rows: Δ[rows, :] = block (s × in), zero elsewhere.
 
@@ -258,6 +299,10 @@ class LowRankLinear(Function):
 
 def sparse_linear(x, values, indices, out_features: int, probe=None) -> torch.Tensor:
     return SparseLinear.apply(x, values, indices, out_features, probe)
+
+
+def merged_sparse_linear(x, weight, bias, values, indices, probe=None) -> torch.Tensor:
+    return MergedSparseLinear.apply(x, weight, bias, values, indices, probe)
 
 
 def row_linear(x, block, rows, out_features: int) -> torch.Tensor:

@@ -280,3 +280,28 @@ def test_trainable_token_indices_train_save_and_merge(tmp_path):
     assert torch.allclose(PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)(x).logits, out, atol=1e-6)
     merged = model.merge_and_unload()
     assert torch.allclose(merged(x).logits, out, atol=1e-5)
+
+
+def test_fused_layer_path_equals_the_general_path():
+    """A frozen fp32 nn.Linear with an unstructured delta runs as one GEMM against W + Δ; a forward
+    hook on the base layer (which that path would skip) sends it down the general path instead."""
+    from .conftest import tiny_llama
+
+    x = torch.randint(0, 128, (2, 9))
+    config = SparseConfig(target_modules="all-linear", density=0.1, init_weights=False)
+    fused = get_peft_model(tiny_llama(), config)
+    general = get_peft_model(tiny_llama(), copy.deepcopy(config))
+    for module in general.modules():
+        if isinstance(module, SparseLayer):
+            module.get_base_layer().register_forward_hook(lambda *a: None)
+    names = {type(fused.base_model.model.model.layers[0].self_attn.q_proj(torch.randn(1, 32, requires_grad=True)).grad_fn).__name__}
+    assert names == {"MergedSparseLinearBackward"}
+    outs = []
+    for model in (fused, general):
+        out = model(x, labels=x)
+        out.loss.backward()
+        outs.append((out.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    assert torch.allclose(outs[0][0], outs[1][0], atol=1e-5)
+    assert outs[0][1].keys() == outs[1][1].keys()
+    for n in outs[0][1]:
+        assert torch.allclose(outs[0][1][n], outs[1][1][n], atol=1e-5), n

@@ -198,3 +198,14 @@ def test_random_subset_is_sorted_unique_deterministic():
     # not biased towards small indices (the dedup step sorts)
     assert a.float().mean() > 3000
     assert torch.equal(random_subset(10, 10, seed=0), torch.arange(10))
+
+
+def test_gradcheck_merged_layer(kernel_path):
+    flat, _, _ = _support(9)
+    w, b = torch.randn(OUT, IN, dtype=D), torch.randn(OUT, dtype=D)
+    v = torch.randn(9, dtype=D, requires_grad=True)
+    assert gradcheck(lambda x, v: ops.merged_sparse_linear(x, w, b, v, flat.int()), (_x(), v))
+    # and it is the frozen layer plus the sparse update
+    x = _x(grad=False)
+    expected = x @ w.t() + b + ops.sparse_linear(x, v, flat.int(), OUT)
+    assert torch.allclose(ops.merged_sparse_linear(x, w, b, v, flat.int()), expected)
