@@ -101,6 +101,26 @@ def grad_at(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, dtype) -> 
     return grad
 
 
+def _times_delta(a, values, indices, shape, transpose: bool, use_sparse: bool) -> torch.Tensor:
+    """a Δᵀ (a: N × in) or, with `transpose`, a Δ (a: N × out), for Δ of `shape` (out, in)."""
+    out_features, in_features = shape
+    if use_sparse:
+        rows, cols = split_flat(indices, in_features)
+        if transpose:  # Δᵀ's pattern is not row-major: let torch sort it
+            delta = _sparse(cols, rows, values, (in_features, out_features), coalesced=False)
+        else:
+            delta = _sparse(rows, cols, values, shape, coalesced=True)
+        return torch.sparse.mm(delta, a.t()).t()
+    result = a.new_zeros((a.shape[0], in_features if transpose else out_features))
+    for r0, r1, start, end, local in row_blocks(indices, out_features, in_features):
+        block = _dense_rows(values[start:end], local, r1 - r0, in_features)
+        if transpose:
+            result += a[:, r0:r1] @ block
+        else:
+            result[:, r0:r1] = a @ block.t()
+    return result
+
+
 class SparseLinear(Function):
     """Update of an unstructured sparse Δ: Δ.flatten()[indices[j]] = values[j], zero elsewhere.
 
@@ -119,17 +139,9 @@ class SparseLinear(Function):
 
     @staticmethod
     def forward(ctx, x, values, indices, out_features: int, probe=None):
-        in_features = x.shape[-1]
-        x2 = _rows2d(x).to(values.dtype)
-        ctx.use_sparse = values.numel() < SPARSE_KERNEL_BELOW_DENSITY * out_features * in_features
-        if ctx.use_sparse:
-            rows, cols = split_flat(indices, in_features)
-            delta = _sparse(rows, cols, values, (out_features, in_features), coalesced=True)
-            y = torch.sparse.mm(delta, x2.t()).t()
-        else:
-            y = x2.new_zeros((x2.shape[0], out_features))
-            for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
-                y[:, r0:r1] = x2 @ _dense_rows(values[a:b], local, r1 - r0, in_features).t()
+        shape = (out_features, x.shape[-1])
+        ctx.use_sparse = values.numel() < SPARSE_KERNEL_BELOW_DENSITY * shape[0] * shape[1]
+        y = _times_delta(_rows2d(x).to(values.dtype), values, indices, shape, False, ctx.use_sparse)
         keep_x = ctx.needs_input_grad[1] or probe is not None
         ctx.save_for_backward(x if keep_x else None, values, indices)
         ctx.x_meta = (x.shape, x.dtype)
@@ -140,21 +152,11 @@ class SparseLinear(Function):
     def backward(ctx, dy):
         x, values, indices = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
-        in_features = x_shape[-1]
         dy2 = _rows2d(dy).to(values.dtype)
-        out_features = dy2.shape[1]
+        shape = (dy2.shape[1], x_shape[-1])
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
-            if ctx.use_sparse:
-                # Δᵀ as a sparse matrix: the transposed pattern is not row-major, so let torch sort it
-                rows, cols = split_flat(indices, in_features)
-                delta_t = _sparse(cols, rows, values, (in_features, out_features), coalesced=False)
-                dx = torch.sparse.mm(delta_t, dy2.t()).t()
-            else:
-                dx = dy2.new_zeros((dy2.shape[0], in_features))
-                for r0, r1, a, b, local in row_blocks(indices, out_features, in_features):
-                    dx += dy2[:, r0:r1] @ _dense_rows(values[a:b], local, r1 - r0, in_features)
-            dx = dx.reshape(x_shape).to(x_dtype)
+            dx = _times_delta(dy2, values, indices, shape, True, ctx.use_sparse).reshape(x_shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
             dvalues = grad_at(dy2, _rows2d(x), indices, values.dtype)
         if ctx.probe is not None:
