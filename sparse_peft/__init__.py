@@ -5,7 +5,7 @@ Importing this package registers the methods with PEFT (safe to repeat), so that
 and adapters saved with it. Import it before loading such an adapter.
 """
 
-from ._peft import SparsePeftType, register
+from ._peft import SparsePeftType, install_model_card_hook, register
 from .callbacks import SparseCallback
 from .config import SparseConfig
 from .delta import Delta
@@ -18,6 +18,7 @@ from .version import __version__
 
 
 register(SparseConfig, SparseModel)
+install_model_card_hook()
 
 __all__ = [
     "METHODS",

@@ -53,3 +53,26 @@ def register(config_cls, model_cls) -> None:
     PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
     PEFT_TYPE_TO_CONFIG_MAPPING[key] = config_cls
     PEFT_TYPE_TO_TUNER_MAPPING[key] = model_cls
+
+
+def install_model_card_hook() -> None:
+    """Have `PeftModel.save_pretrained` (hence `push_to_hub`'s save too) add our section to the model card.
+
+    PEFT writes the card in `PeftModel.create_or_update_model_card`; we wrap it, once, and only act
+    for models that hold a sparse adapter.
+    """
+    from peft import PeftModel
+
+    original = PeftModel.create_or_update_model_card
+    if getattr(original, "_sparse_peft", False):
+        return
+
+    def create_or_update_model_card(self, output_dir: str):
+        original(self, output_dir)
+        if any(getattr(c, "peft_type", None) == "SPARSE" for c in self.peft_config.values()):
+            from .hub import update_model_card
+
+            update_model_card(output_dir, self)
+
+    create_or_update_model_card._sparse_peft = True
+    PeftModel.create_or_update_model_card = create_or_update_model_card

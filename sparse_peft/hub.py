@@ -79,3 +79,60 @@ def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix:
                     torch.empty(tensor.shape, dtype=current.dtype, device=current.device),
                     requires_grad=current.requires_grad,
                 )
+
+
+# -- model card -------------------------------------------------------------------------------------
+_BEGIN, _END = "<!-- sparse_peft:begin -->", "<!-- sparse_peft:end -->"
+
+
+def model_card_section(peft_model) -> str:
+    """What a reader of the Hub page needs: the method, its budget, and how to load the adapter."""
+    from .layer import SparseLayer
+    from .methods import METHODS
+    from .version import __version__
+
+    lines = [_BEGIN, "## Sparse adapter (sparse_peft)", ""]
+    for name, config in peft_model.peft_config.items():
+        if getattr(config, "peft_type", None) != "SPARSE":
+            continue
+        method = METHODS.get(config.method)
+        title = f"{method.title} ([paper]({method.paper}))" if method else "custom (general fields only)"
+        layers = [m for m in peft_model.modules() if isinstance(m, SparseLayer) and name in m._all_available_adapter_names()]
+        trainable = sum(m.get_delta(name).num_trainable() for m in layers if m.get_delta(name) is not None)
+        budget = f"density {config.density:g}" if config.equivalent_rank is None else f"LoRA-rank parity r={config.equivalent_rank}"
+        lines += [
+            f"- adapter `{name}`: {title}",
+            f"  - structure `{config.structure}`, {budget}, selection `{config.selection}`"
+            + (f", low-rank r={config.r}" if config.r else "")
+            + (f", regrowth every {config.reselection_steps} steps ({config.regrowth})" if config.reselection_steps else ""),
+            f"  - {len(layers)} adapted layers, {trainable:,} trainable parameters",
+        ]
+    base = getattr(getattr(peft_model, "peft_config", {}).get(peft_model.active_adapter), "base_model_name_or_path", None)
+    lines += [
+        "",
+        "Load it (`import sparse_peft` first: it registers the method with PEFT):",
+        "",
+        "```python",
+        "import sparse_peft",
+        "from peft import AutoPeftModelForCausalLM",
+        f'model = AutoPeftModelForCausalLM.from_pretrained("<this repo>")  # base: {base or "see adapter_config.json"}',
+        "merged = model.merge_and_unload()  # plain transformers layers, e.g. for vLLM",
+        "```",
+        "",
+        f"Framework versions: sparse_peft {__version__}.",
+        _END,
+    ]
+    return "\n".join(lines)
+
+
+def update_model_card(output_dir: str, peft_model) -> None:
+    """Add (or refresh) our section in the README.md that PEFT has just written."""
+    import os
+
+    path = os.path.join(output_dir, "README.md")
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    if _BEGIN in text and _END in text:
+        head, _, rest = text.partition(_BEGIN)
+        text = head + rest.partition(_END)[2].lstrip("\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.rstrip("\n") + "\n\n" + model_card_section(peft_model) + "\n")

@@ -162,3 +162,15 @@ def test_auto_peft_model_and_push_to_hub_through_local_folders(tmp_path, monkeyp
 
     loaded = AutoPeftModelForCausalLM.from_pretrained(hub / "someone/sparse-adapter")
     assert torch.allclose(loaded(X).logits, out, atol=1e-6)
+
+
+def test_model_card_says_what_the_adapter_is_and_how_to_load_it(tmp_path):
+    model = get_peft_model(tiny_llama(), SparseConfig(method="spiel", target_modules="all-linear"))
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)  # saving again refreshes our section rather than adding a second
+    card = (tmp_path / "README.md").read_text()
+    assert card.count("## Sparse adapter (sparse_peft)") == 1
+    assert "import sparse_peft" in card and "arxiv.org/abs/2401.16405" in card
+    assert f"sparse_peft {sparse_peft.__version__}" in card and "library_name: peft" in card
+    n = sum(m.get_delta("default").num_trainable() for m in model.modules() if isinstance(m, SparseLayer))
+    assert f"{n:,} trainable parameters" in card
