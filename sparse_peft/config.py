@@ -20,6 +20,7 @@ _GENERAL_DEFAULTS = dict(
     selection="random",
     density=0.01,
     r=0,
+    head_groups=False,
     reselection_steps=0,
     accumulation_steps=5,
     initial_reselection_rate=0.2,
@@ -52,6 +53,12 @@ class SparseConfig(PeftConfig):
         num_trainable (`int`, *optional*):
             If set, replaces `density` and `equivalent_rank`: the total number of sparse parameters
             over all target layers, spread in proportion to each layer's size.
+        module_density (`dict[str, float]`, *optional*):
+            Densities for particular modules, by name suffix; other targets use `density`.
+        head_groups (`bool`, *optional*, defaults to `False`):
+            Choose the input columns of attention output projections in whole heads.
+        disjoint_from (`list[str]`, *optional*):
+            Adapters whose supports this one must avoid (for fusion).
         selection (`str`, *optional*, defaults to `"random"`):
             How the support is chosen: "random", "magnitude" (largest |w|) or "small_magnitude".
         r (`int`, *optional*, defaults to `0`):
@@ -132,6 +139,27 @@ class SparseConfig(PeftConfig):
         metadata={
             "help": "How the support is chosen: 'random', 'magnitude' (largest |w|, or row/column norms) or "
             "'small_magnitude' (smallest). Defaults to the method's, else 'random'."
+        },
+    )
+    module_density: Optional[dict[str, float]] = field(
+        default=None,
+        metadata={
+            "help": "Densities for particular modules, by name suffix, e.g. {'o_proj': 0.05, 'down_proj': 0.02}; "
+            "other targets use `density`."
+        },
+    )
+    head_groups: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Choose the input columns of attention output projections in whole heads (blocks of head_dim), "
+            "from the architecture's map. Defaults to the method's (True for 's2ft'), else False."
+        },
+    )
+    disjoint_from: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Names of adapters already in the model whose supports this one must avoid, so that the two "
+            "can be fused (merged together) without overlapping."
         },
     )
     r: Optional[int] = field(
@@ -280,6 +308,13 @@ class SparseConfig(PeftConfig):
                 raise ValueError(f"reselection_rate_policy={self.reselection_rate_policy!r}: use 'linear' or 'cosine'")
             if self.regrowth not in ("gradient", "momentum"):
                 raise ValueError(f"regrowth={self.regrowth!r}: use 'gradient' or 'momentum'")
+        for suffix, density in (self.module_density or {}).items():
+            if not (isinstance(density, (int, float)) and 0 < density <= 1):
+                raise ValueError(f"module_density[{suffix!r}]={density!r} must be in (0, 1]")
+        if self.head_groups and self.structure != "columns":
+            raise ValueError("head_groups=True chooses input columns in whole heads, so it needs structure='columns'")
+        if isinstance(self.disjoint_from, str):
+            self.disjoint_from = [self.disjoint_from]
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
         if self.bias not in ("none", "all", "sparse_only"):
@@ -291,12 +326,22 @@ class SparseConfig(PeftConfig):
     def scaling(self) -> float:
         return (self.lora_alpha if self.lora_alpha is not None else self.r) / self.r if self.r else 0.0
 
-    def budget(self, structure: str, out_features: int, in_features: int) -> int:
-        """How many entries (unstructured), rows or columns a layer of this shape trains."""
+    def density_for(self, module_key: str) -> float:
+        for suffix, density in (self.module_density or {}).items():
+            if module_key == suffix or module_key.endswith("." + suffix):
+                return density
+        return self.density
+
+    def budget(self, structure: str, out_features: int, in_features: int, module_key: str = "", group: int = 1) -> int:
+        """How many entries (unstructured), rows or columns a layer of this shape trains.
+
+        Rows and columns come in whole groups of `group` (heads); the count is a multiple of it.
+        """
         size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
         if self.equivalent_rank is not None:
             per_unit = {"unstructured": 1, "rows": in_features, "columns": out_features}[structure]
-            k = self.equivalent_rank * (in_features + out_features) // per_unit
+            k = self.equivalent_rank * (in_features + out_features) / per_unit
         else:
-            k = round(self.density * size)
-        return min(size, max(1, k))
+            k = self.density_for(module_key) * size
+        units = min(size // group, max(1, round(k / group)))
+        return units * group

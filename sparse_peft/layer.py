@@ -85,14 +85,24 @@ class SparseLayer(BaseTunerLayer):
 
     # -- adding an adapter -----------------------------------------------------------------------
     def update_layer(
-        self, adapter_name: str, config: SparseConfig, module_key: str = "", inference_mode: bool = False, **kwargs
+        self,
+        adapter_name: str,
+        config: SparseConfig,
+        module_key: str = "",
+        inference_mode: bool = False,
+        group: int = 1,
+        **kwargs,
     ) -> None:
+        """Add an adapter. `group`: columns are chosen in blocks of this many (the head size)."""
         out_features, in_features = self.delta_shape
         seed = module_seed(config.seed, module_key)
         structure = config.structure
         if structure != "none":
-            k = config.budget(structure, out_features, in_features)
-            support = select(config.selection, structure, k, (out_features, in_features), seed, self._base_weight_2d)
+            k = config.budget(structure, out_features, in_features, module_key, group)
+            exclude = self._taken_by(config.disjoint_from or [], structure)
+            support = select(
+                config.selection, structure, k, (out_features, in_features), seed, self._base_weight_2d, group, exclude
+            )
             if structure == "unstructured":
                 self._store(adapter_name, VALUES, (k,), INDICES, support, out_features * in_features)
             elif structure == "rows":
@@ -106,6 +116,12 @@ class SparseLayer(BaseTunerLayer):
         self.reset_parameters(adapter_name, config.init_weights, seed)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _taken_by(self, adapter_names: list[str], structure: str) -> Optional[torch.Tensor]:
+        """The support of the given adapters on this layer, for a new adapter that must avoid it."""
+        store = getattr(self, {"unstructured": INDICES, "rows": ROW_INDEX, "columns": COL_INDEX}[structure])
+        taken = [store[name].long() for name in adapter_names if name in store]
+        return torch.cat(taken) if taken else None
 
     def _store(self, adapter_name, key, shape, index_key, support, numel) -> None:
         getattr(self, key)[adapter_name] = nn.Parameter(torch.zeros(shape))
@@ -237,12 +253,14 @@ class _Module(nn.Module, SparseLayer):
 class Linear(_Module):
     """nn.Linear, transformers' Conv1D (GPT-2, weight stored in × out) and quantized linear layers."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_key: str = "", **kwargs):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_key: str = "", group: int = 1, **kwargs
+    ):
         super().__init__()
         SparseLayer.__init__(self, base_layer, **kwargs)
         self._transposed = isinstance(self.get_base_layer(), Conv1D)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, config, module_key, inference_mode=config.inference_mode)
+        self.update_layer(adapter_name, config, module_key, inference_mode=config.inference_mode, group=group)
 
     def _as_2d(self, weight):
         return weight.t() if self._transposed else weight
@@ -272,7 +290,9 @@ class Conv2d(_Module):
     forward (the sparse linear kernels do not apply to a convolution).
     """
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_key: str = "", **kwargs):
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_key: str = "", group: int = 1, **kwargs
+    ):
         super().__init__()
         SparseLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name

@@ -7,10 +7,11 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_q
 from peft.utils import resolve_quantization_backend
 from transformers.pytorch_utils import Conv1D
 
-from . import hub
+from . import architectures, hub
 from ._peft import PREFIX
 from .config import SparseConfig
 from .layer import Conv2d, Linear, SparseLayer
+from .methods import METHODS
 
 
 SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Conv2d and bitsandbytes Linear8bitLt / Linear4bit"
@@ -61,8 +62,9 @@ class SparseModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
         if config.num_trainable is not None:
             self._spread_budget(config)
+        group = self._head_size(config, current_key)
         if isinstance(target, SparseLayer):
-            target.update_layer(adapter_name, config, current_key, inference_mode=config.inference_mode)
+            target.update_layer(adapter_name, config, current_key, inference_mode=config.inference_mode, group=group)
             return
         layer_cls = _layer_class(target)
         if layer_cls is None:
@@ -70,11 +72,26 @@ class SparseModel(BaseTuner):
                 f"Target module {current_key!r} is a {type(target).__name__}, which sparse_peft cannot adapt; "
                 f"supported are {SUPPORTED}. Remove it from target_modules or add it to exclude_modules."
             )
-        new_module = layer_cls(target, adapter_name, config, current_key, **get_quantization_kwargs(self))
+        new_module = layer_cls(target, adapter_name, config, current_key, group=group, **get_quantization_kwargs(self))
         if adapter_name not in self.active_adapters:
             # an added adapter is not trainable until it is made active
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _prepare_adapter_config(self, config, model_config):
+        method = METHODS.get(config.method)
+        if config.target_modules is None and method is not None and method.target_roles:
+            config.target_modules = set(architectures.role_targets(model_config, method.target_roles))
+            return config
+        return super()._prepare_adapter_config(config, model_config)
+
+    def _head_size(self, config, module_key: str) -> int:
+        """head_dim for the attention output projection when heads are the unit, else 1."""
+        if not config.head_groups:
+            return 1
+        model_config = self.get_model_config(self.model)
+        suffix = architectures.roles_for(model_config).attention_output
+        return architectures.head_dim(model_config) if module_key.endswith("." + suffix) else 1
 
     def _spread_budget(self, config) -> None:
         """Turn a total budget into the density that spreads it over the targets by size (once per config)."""

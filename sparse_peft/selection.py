@@ -11,6 +11,7 @@ adapters copy only parameters, never buffers, and rely on re-injection giving th
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Callable, Optional
 
@@ -53,20 +54,23 @@ def top_k(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
     return torch.topk(scores.float(), k, largest=largest, sorted=False).indices.sort().values
 
 
-def _entries(rule: str, k: int, shape, seed: int, weight_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    numel = shape[0] * shape[1]
+def _pick(rule: str, k: int, n: int, seed: int, scores_fn, exclude: Optional[torch.Tensor]) -> torch.Tensor:
+    """k of n units, never one in `exclude`: at random, or by the largest / smallest score."""
+    allowed = None
+    if exclude is not None and exclude.numel():
+        allowed = torch.ones(n, dtype=torch.bool)
+        allowed[exclude.long().cpu()] = False
+        if int(allowed.sum()) < k:
+            raise ValueError(f"cannot choose {k} units disjoint from the {exclude.numel()} already taken (of {n})")
     if rule == "random":
-        return random_subset(numel, k, seed)
-    magnitude = weight_fn().detach().abs().reshape(-1)
-    return top_k(magnitude, k, largest=(rule == "magnitude")).cpu()
-
-
-def _channels(rule: str, k: int, shape, dim: int, seed: int, weight_fn) -> torch.Tensor:
-    if rule == "random":
-        return random_subset(shape[dim], k, seed)
-    # the norm of each row (dim=0) or column (dim=1) of the weight
-    norms = weight_fn().detach().float().norm(dim=1 - dim)
-    return top_k(norms, k, largest=(rule == "magnitude")).cpu()
+        if allowed is None:
+            return random_subset(n, k, seed)
+        free = allowed.nonzero().squeeze(1)
+        return free[random_subset(free.numel(), k, seed)]
+    scores = scores_fn().detach().float().cpu()
+    if allowed is not None:
+        scores[~allowed] = -math.inf if rule == "magnitude" else math.inf
+    return top_k(scores, k, largest=(rule == "magnitude"))
 
 
 SELECTION_RULES = ("random", "magnitude", "small_magnitude")
@@ -79,6 +83,8 @@ def select(
     shape: tuple[int, int],
     seed: int,
     weight_fn: Optional[Callable[[], torch.Tensor]] = None,
+    group: int = 1,
+    exclude: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Choose a support of size k.
 
@@ -88,13 +94,27 @@ def select(
         structure: "unstructured" (k entries), "rows" (k output rows) or "columns" (k input columns).
         shape: (out, in) of the weight in linear orientation.
         weight_fn: returns that weight; only called by rules that look at it.
+        group: rows or columns are chosen in whole groups of this many consecutive ones (attention
+            heads: head_dim); k must be a multiple of it.
+        exclude: indices of the same kind that must not be chosen (another adapter's support).
     """
     if rule not in SELECTION_RULES:
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {SELECTION_RULES}")
     if rule != "random" and weight_fn is None:
         raise ValueError(f"selection rule {rule!r} needs the base weight")
     if structure == "unstructured":
-        return _entries(rule, k, shape, seed, weight_fn)
-    if structure in ("rows", "columns"):
-        return _channels(rule, k, shape, 0 if structure == "rows" else 1, seed, weight_fn)
-    raise ValueError(f"unknown structure {structure!r}")
+        return _pick(rule, k, shape[0] * shape[1], seed, lambda: weight_fn().abs().reshape(-1), exclude)
+    if structure not in ("rows", "columns"):
+        raise ValueError(f"unknown structure {structure!r}")
+    dim = 0 if structure == "rows" else 1
+    if shape[dim] % group or k % group:
+        raise ValueError(f"{shape[dim]} {structure} cannot be chosen in groups of {group} (k={k})")
+
+    def group_norms():
+        # norm of each row (dim=0) or column (dim=1), then of each group of them
+        norms = weight_fn().detach().float().norm(dim=1 - dim)
+        return norms.reshape(-1, group).norm(dim=1)
+
+    excluded_groups = None if exclude is None else (exclude.long() // group).unique()
+    groups = _pick(rule, k // group, shape[dim] // group, seed, group_norms, excluded_groups)
+    return (groups[:, None] * group + torch.arange(group)).reshape(-1)

@@ -209,3 +209,21 @@ def test_gradcheck_merged_layer(kernel_path):
     x = _x(grad=False)
     expected = x @ w.t() + b + ops.sparse_linear(x, v, flat.int(), OUT)
     assert torch.allclose(ops.merged_sparse_linear(x, w, b, v, flat.int()), expected)
+
+
+def test_group_selection_by_norm_with_exclusion():
+    from sparse_peft.selection import select
+
+    w = torch.zeros(3, 8)
+    w[:, 0:2] = 5.0  # group 0: largest, but taken by another adapter
+    w[:, 4:6] = 3.0  # group 2
+    w[:, 6:8] = 2.0  # group 3
+    taken = torch.tensor([0, 1])
+    big = select("magnitude", "columns", 4, (3, 8), 0, lambda: w, group=2, exclude=taken)
+    assert big.tolist() == [4, 5, 6, 7]
+    small = select("small_magnitude", "columns", 2, (3, 8), 0, lambda: w, group=2, exclude=taken)
+    assert small.tolist() == [2, 3]
+    rand = select("random", "columns", 4, (3, 8), 0, group=2, exclude=taken)
+    assert not set(rand.tolist()) & {0, 1} and rand.reshape(-1, 2)[:, 0].remainder(2).eq(0).all()
+    with pytest.raises(ValueError, match="disjoint"):
+        select("random", "columns", 8, (3, 8), 0, group=2, exclude=taken)

@@ -19,6 +19,8 @@ class Method:
     title: str
     paper: str
     defaults: dict = field(default_factory=dict)
+    # default targets by role in the architecture map (see architectures.py), when the user names none
+    target_roles: tuple = ()
     # What of the method is not built yet. Non-empty means `SparseConfig` warns when it is chosen.
     missing: str = ""
 

@@ -4,7 +4,9 @@ METHOD = dict(
     name="s2ft",
     title="S²FT: structured sparse fine-tuning",
     paper="https://arxiv.org/abs/2412.06289",
-    defaults=dict(structure="columns", selection="random", density=0.05, r=0),
-    missing="head/channel maps per architecture and the row side of q/k/v/up/gate (issue #4); "
-    "until then every target trains random input columns",
+    defaults=dict(structure="columns", selection="random", density=0.05, r=0, head_groups=True),
+    # the paper's finding: the budget is best spent on the output projections of attention and FFN
+    target_roles=("attention_output", "ffn_down"),
+    missing="activation and gradient selection with calibration, global allocation across layers, "
+    "and the row side of value/up/gate (issue #4)",
 )
