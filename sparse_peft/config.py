@@ -48,8 +48,8 @@ class SparseConfig(PeftConfig):
         density (`float`, *optional*, defaults to `0.01`):
             Fraction of each target weight's entries (unstructured), rows or columns that train.
         equivalent_rank (`int`, *optional*):
-            If set, replaces `density`: each layer trains as many sparse parameters as a LoRA of this
-            rank would, r·(in + out).
+            If set, replaces `density`: each layer trains as many parameters as a LoRA of this rank
+            would, r·(in + out), the low-rank part included.
         num_trainable (`int`, *optional*):
             If set, replaces `density` and `equivalent_rank`: the total number of sparse parameters
             over all target layers, spread in proportion to each layer's size.
@@ -122,8 +122,8 @@ class SparseConfig(PeftConfig):
     equivalent_rank: Optional[int] = field(
         default=None,
         metadata={
-            "help": "If set, replaces `density`: each layer trains as many sparse parameters as a LoRA of this rank "
-            "would, r*(in + out). Useful to compare with LoRA at an equal budget."
+            "help": "If set, replaces `density`: each layer trains as many parameters as a LoRA of this rank would, "
+            "r*(in + out), the low-rank part (if r > 0) included. For comparisons with LoRA at an equal budget."
         },
     )
     num_trainable: Optional[int] = field(
@@ -269,7 +269,8 @@ class SparseConfig(PeftConfig):
             method = METHODS[self.method]
             defaults.update(method.defaults)
             if method.missing and not self.inference_mode:
-                warnings.warn(f"method={self.method!r} is incomplete in this release: {method.missing}.", stacklevel=3)
+                # _apply_method <- __post_init__ <- the dataclass __init__ <- the user's line
+                warnings.warn(f"method={self.method!r} is incomplete in this release: {method.missing}.", stacklevel=4)
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
@@ -290,6 +291,11 @@ class SparseConfig(PeftConfig):
         if self.equivalent_rank is not None:
             if not isinstance(self.equivalent_rank, int) or self.equivalent_rank <= 0:
                 raise ValueError(f"equivalent_rank={self.equivalent_rank!r} must be a positive integer or None")
+            if self.structure != "none" and self.equivalent_rank <= self.r:
+                raise ValueError(
+                    f"equivalent_rank={self.equivalent_rank} leaves no budget for the sparse part next to the "
+                    f"low-rank part of rank r={self.r}: raise equivalent_rank or lower r"
+                )
         elif not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
             raise ValueError(f"density={self.density!r} must be in (0, 1], e.g. 0.01 for 1% of the entries")
         if not isinstance(self.reselection_steps, int) or self.reselection_steps < 0:
@@ -339,8 +345,9 @@ class SparseConfig(PeftConfig):
         """
         size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
         if self.equivalent_rank is not None:
+            # what a LoRA of that rank trains, less what our own low-rank part already does
             per_unit = {"unstructured": 1, "rows": in_features, "columns": out_features}[structure]
-            k = self.equivalent_rank * (in_features + out_features) / per_unit
+            k = (self.equivalent_rank - self.r) * (in_features + out_features) / per_unit
         else:
             k = self.density_for(module_key) * size
         units = min(size // group, max(1, round(k / group)))

@@ -153,16 +153,24 @@ def _unwrap_optimizer(optimizer):
 
 
 def remap_optimizer_state(optimizer, param: torch.Tensor, source: torch.Tensor) -> None:
-    """Move per-element optimizer state (Adam's moments, ...) with the slots it belongs to; new slots start at 0."""
+    """Move per-element optimizer state with the slots it belongs to.
+
+    New slots start with zero state, except Adam's second moment (`exp_avg_sq`, `max_exp_avg_sq`):
+    it takes the mean over the kept slots. The step count is shared by the whole tensor, so Adam's
+    bias correction has long faded; with a zero second moment a new entry's first updates would be
+    ~3x the usual size (lr·(1-β1)/sqrt(1-β2)), with a typical one they are of typical size.
+    """
     optimizer = _unwrap_optimizer(optimizer)
     state = optimizer.state.get(param) if optimizer is not None else None
     if not state:
         return
     keep = source >= 0
-    for value in state.values():
+    for key, value in state.items():
         if torch.is_tensor(value) and value.shape == param.shape:
             moved = torch.zeros_like(value)
             moved[keep] = value[source[keep]]
+            if "exp_avg_sq" in key and bool(keep.any()):
+                moved[~keep] = value[source[keep]].mean()
             value.copy_(moved)
 
 

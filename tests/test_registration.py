@@ -57,6 +57,7 @@ def test_method_presets_fill_only_unset_fields():
         (dict(structure="none"), "r must be > 0"),
         (dict(equivalent_rank=0), "equivalent_rank"),
         (dict(num_trainable=0), "num_trainable"),
+        (dict(equivalent_rank=4, r=4), "no budget for the sparse part"),
         (dict(num_trainable=5, equivalent_rank=2), "not both"),
         (dict(reselection_steps=5, structure="rows"), "structure='unstructured'"),
         (dict(reselection_steps=5, accumulation_steps=6), "accumulation_steps"),
@@ -75,6 +76,8 @@ def test_budget_matches_lora_at_equivalent_rank():
     assert config.budget("unstructured", 64, 32) == 4 * (64 + 32)
     assert config.budget("columns", 64, 32) == 4 * (64 + 32) // 64
     assert SparseConfig(density=0.5).budget("rows", 10, 3) == 5
+    # with a low-rank part, the sparse part gets what is left of the LoRA-sized budget
+    assert SparseConfig(equivalent_rank=8, r=2).budget("unstructured", 64, 32) == 6 * (64 + 32)
 
 
 def test_loading_without_import_fails_with_the_known_key_error(tmp_path):

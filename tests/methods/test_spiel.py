@@ -161,10 +161,14 @@ def test_optimizer_moments_follow_their_indices():
         after_idx = layer.sparse_indices["default"]
         assert stats["sparse/regrown"] > 0
         old = {int(p): j for j, p in enumerate(before_idx)}
+        kept_slots = [old[p] for p in after_idx.tolist() if p in old]
         for j, p in enumerate(after_idx.tolist()):
             for key, moment in before.items():
-                expected = moment[old[p]] if p in old else 0.0
-                assert optimizer.state[values][key][j] == expected, (key, p)
+                if p in old:
+                    expected = moment[old[p]]
+                else:  # new: zero, but the second moment takes the kept entries' mean
+                    expected = moment[kept_slots].mean() if key == "exp_avg_sq" else 0.0
+                assert torch.isclose(optimizer.state[values][key][j], torch.as_tensor(expected)), (key, p)
             assert values[j] == (before_vals[old[p]] if p in old else 0.0)
         checked = True
     assert checked
