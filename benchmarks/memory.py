@@ -33,7 +33,9 @@ from sparse_peft import SparseConfig, SparseScheduler
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SETUPS = [
     "floor", "full FT", "PEFT LoRA", "sparse unstructured", "sparse rows", "sparse columns", "sparse low-rank",
-    "sparse SpIEL-AG", "sparse SpIEL-MA",
+    "sparse SpIEL-AG", "sparse SpIEL-MA", "sparse S²FT",
+    # the same with gradient checkpointing (each compared with the checkpointed LoRA and floor)
+    "floor (GC)", "PEFT LoRA (GC)", "sparse S²FT (GC)",
 ]
 MiB = 2**20
 
@@ -76,12 +78,19 @@ def build_base(args) -> LlamaForCausalLM:
 
 def make_model(name: str, base: LlamaForCausalLM) -> torch.nn.Module:
     model = copy.deepcopy(base)  # every setup starts from the same weights
+    if name.endswith(" (GC)"):
+        name = name.removesuffix(" (GC)")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.requires_grad_(name == "full FT")
     sparse = dict(target_modules=TARGETS, init_weights=True)
     if name == "PEFT LoRA":
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS))
     elif name == "sparse low-rank":
         model = get_peft_model(model, SparseConfig(structure="none", r=8, **sparse))
+    elif name == "sparse S²FT":
+        # heads of o_proj and channels of down_proj only, with as many trainable parameters as the LoRA
+        lora_count = sum(8 * (m.in_features + m.out_features) for n, m in model.named_modules() if n.split(".")[-1] in TARGETS)
+        model = get_peft_model(model, SparseConfig(method="s2ft", num_trainable=lora_count, init_weights=True))
     elif "SpIEL" in name:
         # a short cycle, so that the timed steps include regrowth windows and reselections
         regrowth = "gradient" if name.endswith("AG") else "momentum"
@@ -180,12 +189,15 @@ def markdown(head: list[str], body: list[list[str]]) -> str:
 
 
 def tables(rows: list[dict], cuda: bool) -> tuple[str, str]:
-    """The main table, and each sparse setup's numbers divided by PEFT LoRA's."""
-    floor = rows[0]["saved"]
+    """The main table, and each sparse setup's numbers divided by PEFT LoRA's (checkpointed rows by
+    the checkpointed LoRA's, and their floor is the checkpointed floor)."""
+    mode = lambda r: " (GC)" if r["setup"].endswith(" (GC)") else ""  # noqa: E731
+    by_name = {r["setup"]: r for r in rows}
+    floor = lambda r: by_name["floor" + mode(r)]["saved"]  # noqa: E731
     metrics = {  # name: (value of a row, how to print it)
         "trainable params": (lambda r: r["trainable"], "{:,}"),
         "saved for backward (MiB)": (lambda r: r["saved"] / MiB, "{:.2f}"),
-        "added over floor (MiB)": (lambda r: (r["saved"] - floor) / MiB, "{:.2f}"),
+        "added over floor (MiB)": (lambda r: (r["saved"] - floor(r)) / MiB, "{:.2f}"),
         "weights (MiB)": (lambda r: r["weights"] / MiB, "{:.2f}"),
         "grads (MiB)": (lambda r: r["grads"] / MiB, "{:.2f}"),
         "AdamW state (MiB)": (lambda r: r["adamw"] / MiB, "{:.2f}"),
@@ -198,8 +210,11 @@ def tables(rows: list[dict], cuda: bool) -> tuple[str, str]:
         metrics["tokens/s"] = (lambda r: r["tok_s"], "{:,.0f}")
     cells = lambda r: [fmt.format(f(r)) for f, fmt in metrics.values()]  # noqa: E731
     main = markdown(["setup", *metrics], [[r["setup"], *cells(r)] for r in rows])
-    lora = next(r for r in rows if r["setup"] == "PEFT LoRA")
-    ratio = lambda f, r: f"{f(r) / f(lora):.2f}" if f(lora) else "n/a"  # noqa: E731
+
+    def ratio(f, r):
+        lora = by_name["PEFT LoRA" + mode(r)]
+        return f"{f(r) / f(lora):.2f}" if f(lora) else "n/a"
+
     ratios = markdown(
         ["setup / PEFT LoRA", *(m.split(" (")[0] for m in metrics)],
         [[r["setup"]] + [ratio(f, r) for f, _ in metrics.values()] for r in rows if r["setup"].startswith("sparse")],
