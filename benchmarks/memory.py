@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparse_peft  # noqa: F401  (registers SparseConfig with PEFT)
 from sparse_peft import SparseConfig, SparseScheduler
+from sparse_peft.measure import saved_tensors
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -40,24 +41,11 @@ SETUPS = [
 MiB = 2**20
 
 
-def state_pointers(model: torch.nn.Module) -> set[int]:
-    """Storages of every parameter and buffer: a saved reference to one of them costs no memory."""
-    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-
-
-def saved_bytes(fn, exclude: set[int]) -> int:
-    """Bytes of the distinct storages that autograd keeps for backward while running fn()."""
-    storages = {}  # held until counted, so that no address is freed and reused meanwhile
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            storages[s.data_ptr()] = s  # a view pins its whole storage: count that, once
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+def saved_bytes(fn, module: torch.nn.Module) -> int:
+    """Bytes that autograd keeps for backward while running fn(), the module's own tensors left out."""
+    with saved_tensors(module) as saved:
         fn()
-    return sum(s.nbytes() for s in storages.values())
+    return saved.bytes
 
 
 def build_base(args) -> LlamaForCausalLM:
@@ -156,7 +144,7 @@ def run_group(names: list[str], base, batch, args) -> tuple[list[dict], list[Set
     """Measures the setups of a group. They take turns step by step, so that a burst of load from
     another process on a shared machine slows all of them alike rather than one of them."""
     setups = [Setup(name, base, batch, args.device) for name in names]
-    saved = [saved_bytes(s.loss, state_pointers(s.model)) for s in setups]
+    saved = [saved_bytes(s.loss, s.model) for s in setups]
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -180,9 +168,9 @@ def layer_check(models: dict, args) -> list[tuple[str, int]]:
     return [
         (f"full input x {tuple(x.shape)}", x.nbytes),
         (f"x[:, cols] ({cols.numel()} of {col.in_features} columns)", x[..., cols].nbytes),
-        ("saved by the frozen nn.Linear alone", saved_bytes(lambda: col.get_base_layer()(x), state_pointers(col))),
-        ("saved by sparse columns (ColumnLinear)", saved_bytes(lambda: col(x), state_pointers(col))),
-        ("saved by PEFT LoRA r=8", saved_bytes(lambda: lora(x), state_pointers(lora))),
+        ("saved by the frozen nn.Linear alone", saved_bytes(lambda: col.get_base_layer()(x), col)),
+        ("saved by sparse columns (ColumnLinear)", saved_bytes(lambda: col(x), col)),
+        ("saved by PEFT LoRA r=8", saved_bytes(lambda: lora(x), lora)),
     ]
 
 

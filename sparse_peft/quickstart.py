@@ -225,27 +225,12 @@ def evaluate(model, batches) -> float:
     return float(sum(total)) / sum(count)
 
 
-def saved_for_backward(model, storages: dict):
-    """Hooks that note in `storages` every storage autograd keeps for backward, parameters excluded.
-
-    On CPU there is no allocator peak to read, and RSS moves in coarse steps; what is saved for
-    backward is the part of training memory that an adapter's own design decides.
-    """
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        if t.layout == torch.strided and t.untyped_storage().data_ptr() not in params:  # views share storage
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-
-
 def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, args):
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
     from . import SparseConfig, SparseScheduler
+    from .measure import saved_tensors
 
     torch.manual_seed(args.seed)
     model = get_peft_model(load_base(base_path, args.device), peft_config)
@@ -259,13 +244,14 @@ def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, arg
     # SpIEL's drop-and-regrow (a no-op for methods without a schedule); a Trainer would use SparseCallback
     sparse = SparseScheduler(model, opt, total_steps=args.steps) if isinstance(peft_config, SparseConfig) else None
     g = torch.Generator().manual_seed(args.seed)  # same batches, in the same order, for every method
-    losses, times, saved = [], [], {}
+    losses, times = [], []
+    saved = saved_tensors(model)
     for step in (bar := tqdm(range(args.steps), desc=f"{label} (lr {lr:g})")):
         batch = collate([train[i] for i in torch.randint(len(train), (BATCH,), generator=g).tolist()],
                         pad_id, args.device)
         start = time.perf_counter()
         # one step is measured: they are all alike
-        with saved_for_backward(model, saved) if step == 0 else contextlib.nullcontext():
+        with saved if step == 0 else contextlib.nullcontext():
             total, count = loss_sum(model, batch)
             loss = total / max(count, 1)
         loss.backward()
@@ -279,7 +265,7 @@ def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, arg
         losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     row = dict(method=label, trainable=sum(p.numel() for p in params), before=before,
-               after=evaluate(model, eval_batches), saved=sum(saved.values()),
+               after=evaluate(model, eval_batches), saved=saved.bytes,
                peak=torch.cuda.max_memory_allocated() if cuda else None, step_ms=1e3 * statistics.median(times))
     return model, row, losses
 
