@@ -220,7 +220,26 @@ def machine(device: str) -> str:
     return f"{cpu}, torch {torch.__version__}, torch threads: {torch.get_num_threads()}, device `{device}`{gpu}"
 
 
-def report(rows, check, args, shape, cycle_table: str) -> str:
+def switch_table(base, args) -> str:
+    """Serving many adapters on one base: the time to fold an adapter into the weights and take it out
+    again (merge_adapter + unmerge_adapter), at the same trainable count."""
+    rows = []
+    for name in ("PEFT LoRA", "sparse unstructured", "sparse S²FT"):
+        model = make_model(name, base).eval()
+        times = []
+        for i in range(7):  # 2 warm-up rounds
+            start = time.perf_counter()
+            model.merge_adapter()
+            model.unmerge_adapter()
+            times.append(time.perf_counter() - start)
+        rows.append((name, statistics.median(times[2:])))
+        del model
+        gc.collect()
+    lora = rows[0][1]
+    return markdown(["setup", "merge + unmerge (ms)", "/ PEFT LoRA"], [[n, f"{t * 1e3:.2f}", f"{t / lora:.2f}"] for n, t in rows])
+
+
+def report(rows, check, args, shape, cycle_table: str, switch: str) -> str:
     main, ratios = tables(rows, args.device.startswith("cuda"))
     check_table = markdown(["down_proj of layer 0", "MiB"], [[name, f"{b / MiB:.3f}"] for name, b in check])
     return f"""# Benchmarks: memory and speed
@@ -278,6 +297,15 @@ windows and two reselections; the medians in the first table, on a 3-step cycle,
 steps and so overstate the average cost.
 
 {cycle_table}
+
+## Switching adapters in place
+
+Folding an adapter into the base weights and taking it out again (`merge_adapter()` then
+`unmerge_adapter()`), median of 5 after 2 warm-up rounds: what serving many adapters on one base
+by in-place switching costs. LoRA builds a dense B·A per layer; the sparse adapters scatter their
+values (`index_put_` / `index_add_`) and build nothing dense.
+
+{switch}
 """
 
 
@@ -330,7 +358,7 @@ def main() -> None:
         [[r["setup"], f"{r['mean_s'] * 1e3:.1f}", f"{r['mean_s'] / lora_mean:.2f}"] for r in cycle_rows],
     )
 
-    text = report(rows, layer_check(kept, args), args, shape, cycle_table)
+    text = report(rows, layer_check(kept, args), args, shape, cycle_table, switch_table(base, args))
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
