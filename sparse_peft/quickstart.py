@@ -323,7 +323,7 @@ def print_table(rows, device) -> None:
         print(f"{r['method']:<20}{r['trainable']:>11,}{r['before']:>13.3f}{r['after']:>12.3f}{mem:>19.2f}"
               f"{r['step_ms']:>9.1f}{r['adapter']:>15,}")
     if device != "cuda":
-        print("saved-for-bwd: what autograd keeps for backward in one step, parameters excluded (CPU has no peak)")
+        print("saved-for-bwd: what autograd keeps for backward in one step, weights and index buffers excluded (CPU has no peak)")
 
 
 def main(argv=None) -> int:
