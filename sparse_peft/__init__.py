@@ -6,6 +6,7 @@ and adapters saved with it. Import it before loading such an adapter.
 """
 
 from ._peft import SparsePeftType, install_model_card_hook, register
+from .calibration import calibrate
 from .callbacks import SparseCallback
 from .config import SparseConfig
 from .delta import Delta
@@ -33,4 +34,5 @@ __all__ = [
     "SparseSM3",
     "SparseScheduler",
     "__version__",
+    "calibrate",
 ]

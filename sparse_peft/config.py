@@ -60,7 +60,9 @@ class SparseConfig(PeftConfig):
         disjoint_from (`list[str]`, *optional*):
             Adapters whose supports this one must avoid (for fusion).
         selection (`str`, *optional*, defaults to `"random"`):
-            How the support is chosen: "random", "magnitude" (largest |w|) or "small_magnitude".
+            How the support is chosen: "random", "magnitude" (largest |w|), "activation" (input
+            columns of largest norm on calibration data), "weight_activation" (|w|·‖x_col‖), or the
+            "small_" variant of each. The activation rules need `sparse_peft.calibrate`.
         r (`int`, *optional*, defaults to `0`):
             Rank of the low-rank part; 0 for none.
         lora_alpha (`float`, *optional*):
@@ -134,11 +136,18 @@ class SparseConfig(PeftConfig):
             "written into `density` when the adapter is created."
         },
     )
-    selection: Optional[Literal["random", "magnitude", "small_magnitude"]] = field(
+    selection: Optional[
+        Literal[
+            "random", "magnitude", "small_magnitude", "activation", "small_activation", "weight_activation",
+            "small_weight_activation",
+        ]
+    ] = field(
         default=None,
         metadata={
-            "help": "How the support is chosen: 'random', 'magnitude' (largest |w|, or row/column norms) or "
-            "'small_magnitude' (smallest). Defaults to the method's, else 'random'."
+            "help": "How the support is chosen: 'random', 'magnitude' (largest |w|, or row/column norms), "
+            "'activation' (input columns of largest norm on calibration data), 'weight_activation' (largest "
+            "|w|*||x_col||, Wanda's score), or the 'small_' variant of each. The activation rules need "
+            "`sparse_peft.calibrate(model, batches)` before training. Defaults to the method's, else 'random'."
         },
     )
     module_density: Optional[dict[str, float]] = field(
@@ -280,6 +289,14 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"structure={self.structure!r} is not one of {STRUCTURES}")
         if self.selection not in SELECTION_RULES:
             raise ValueError(f"selection={self.selection!r} is not one of {SELECTION_RULES}")
+        if self.selection.endswith("activation") and (
+            self.structure in ("rows", "none")
+            or (self.structure == "unstructured" and self.selection.removeprefix("small_") == "activation")
+        ):
+            raise ValueError(
+                f"selection={self.selection!r} scores input columns: use structure='columns', or "
+                "'weight_activation' for single entries"
+            )
         if not isinstance(self.r, int) or self.r < 0:
             raise ValueError(f"r={self.r!r} must be an integer >= 0 (0 disables the low-rank part)")
         if self.structure == "none" and self.r == 0:

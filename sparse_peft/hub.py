@@ -67,6 +67,7 @@ def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix:
 
     # Every check passed: give each layer the shapes in the file, so load_state_dict can fill them.
     for name, layer in layers.items():
+        layer.sparse_uncalibrated.pop(adapter_name, None)  # the file's support is the chosen one
         for attr, tensor in per_layer[name].items():
             store = getattr(layer, attr)
             current = store[adapter_name]

@@ -26,7 +26,7 @@ from .delta import (
     Delta,
     index_dtype,
 )
-from .selection import module_seed, select
+from .selection import NeedsCalibration, module_seed, select
 
 
 class SparseLayer(BaseTunerLayer):
@@ -41,7 +41,7 @@ class SparseLayer(BaseTunerLayer):
     adapter_layer_names = PARAMETER_NAMES
     # other per-adapter state: int32 indices (never cast to float, never trained), the low-rank scale,
     # and the gradient probe a regrowth schedule may attach for a few steps (never saved)
-    other_param_names = (*INDEX_NAMES, "sparse_scaling", "sparse_probe")
+    other_param_names = (*INDEX_NAMES, "sparse_scaling", "sparse_probe", "sparse_uncalibrated")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -51,6 +51,8 @@ class SparseLayer(BaseTunerLayer):
             setattr(self, name, BufferDict(persistent=True))
         self.sparse_scaling: dict[str, float] = {}
         self.sparse_probe: dict[str, Any] = {}
+        # adapters whose support waits for calibration data (activation rules): they must not train yet
+        self.sparse_uncalibrated: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.kwargs = kwargs
@@ -100,9 +102,14 @@ class SparseLayer(BaseTunerLayer):
         if structure != "none":
             k = config.budget(structure, out_features, in_features, module_key, group)
             exclude = self._taken_by(config.disjoint_from or [], structure)
-            support = select(
-                config.selection, structure, k, (out_features, in_features), seed, self._base_weight_2d, group, exclude
-            )
+            try:
+                support = select(
+                    config.selection, structure, k, (out_features, in_features), seed, self._base_weight_2d, group, exclude
+                )
+            except NeedsCalibration:
+                # a placeholder of the right size until `sparse_peft.calibrate` chooses from activations
+                support = select("random", structure, k, (out_features, in_features), seed, None, group, exclude)
+                self.sparse_uncalibrated[adapter_name] = True
             if structure == "unstructured":
                 self._store(adapter_name, VALUES, (k,), INDICES, support, out_features * in_features)
             elif structure == "rows":
@@ -116,6 +123,25 @@ class SparseLayer(BaseTunerLayer):
         self.reset_parameters(adapter_name, config.init_weights, seed)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def calibrate_support(self, adapter_name: str, config: SparseConfig, module_key: str, activation, group: int = 1) -> None:
+        """Choose this adapter's support again, from the norms of the layer's input features on data.
+
+        Same size as before; the trained values start again from their initial state.
+        """
+        out_features, in_features = self.delta_shape
+        index_key = {"unstructured": INDICES, "rows": ROW_INDEX, "columns": COL_INDEX}[config.structure]
+        indices = getattr(self, index_key)[adapter_name]
+        seed = module_seed(config.seed, module_key)
+        exclude = self._taken_by(config.disjoint_from or [], config.structure)
+        support = select(
+            config.selection, config.structure, indices.numel(), (out_features, in_features), seed,
+            self._base_weight_2d, group, exclude, activation,
+        )
+        indices.copy_(support.to(indices.dtype))
+        self.reset_parameters(adapter_name, config.init_weights, seed)
+        self.sparse_uncalibrated.pop(adapter_name, None)
 
     def _taken_by(self, adapter_names: list[str], structure: str) -> Optional[torch.Tensor]:
         """The support of the given adapters on this layer, for a new adapter that must avoid it."""
@@ -220,6 +246,13 @@ class SparseLayer(BaseTunerLayer):
             return self.base_layer(x, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if self.sparse_uncalibrated and self.training and torch.is_grad_enabled():
+            pending = [name for name in self.active_adapters if name in self.sparse_uncalibrated]
+            if pending:
+                raise RuntimeError(
+                    f"adapter {pending[0]!r} chooses its support from activations: run "
+                    "sparse_peft.calibrate(model, batches) on some training batches before training"
+                )
         deltas = [d for d in (self.get_delta(name) for name in self.active_adapters) if d is not None]
         if len(deltas) == 1 and not args and not kwargs:
             fused = self._fused_forward(x, deltas[0])

@@ -67,13 +67,28 @@ def _pick(rule: str, k: int, n: int, seed: int, scores_fn, exclude: Optional[tor
             return random_subset(n, k, seed)
         free = allowed.nonzero().squeeze(1)
         return free[random_subset(free.numel(), k, seed)]
+    largest = not rule.startswith("small_")
     scores = scores_fn().detach().float().cpu()
     if allowed is not None:
-        scores[~allowed] = -math.inf if rule == "magnitude" else math.inf
-    return top_k(scores, k, largest=(rule == "magnitude"))
+        scores[~allowed] = -math.inf if largest else math.inf
+    return top_k(scores, k, largest=largest)
 
 
-SELECTION_RULES = ("random", "magnitude", "small_magnitude")
+SELECTION_RULES = (
+    "random",
+    "magnitude",
+    "small_magnitude",
+    "activation",
+    "small_activation",
+    "weight_activation",
+    "small_weight_activation",
+)
+# rules that score inputs by their size on calibration data (see calibration.py)
+ACTIVATION_RULES = tuple(r for r in SELECTION_RULES if r.endswith("activation"))
+
+
+class NeedsCalibration(ValueError):
+    """The rule scores by activations, and none have been recorded yet."""
 
 
 def select(
@@ -85,25 +100,41 @@ def select(
     weight_fn: Optional[Callable[[], torch.Tensor]] = None,
     group: int = 1,
     exclude: Optional[torch.Tensor] = None,
+    activation: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Choose a support of size k.
 
     Args:
         rule: one of `SELECTION_RULES`. "magnitude" keeps the largest |w| (or row/column norms),
-            "small_magnitude" the smallest, "random" a uniform draw.
+            "activation" the input columns of largest norm on calibration data, "weight_activation"
+            the largest |w|·‖x_col‖ (Wanda's score; for columns ‖W[:, c]‖·‖x_c‖); each "small_"
+            variant the smallest; "random" a uniform draw.
         structure: "unstructured" (k entries), "rows" (k output rows) or "columns" (k input columns).
         shape: (out, in) of the weight in linear orientation.
         weight_fn: returns that weight; only called by rules that look at it.
         group: rows or columns are chosen in whole groups of this many consecutive ones (attention
             heads: head_dim); k must be a multiple of it.
         exclude: indices of the same kind that must not be chosen (another adapter's support).
+        activation: the norm of each input feature over calibration data, for the activation rules.
     """
     if rule not in SELECTION_RULES:
         raise ValueError(f"unknown selection rule {rule!r}; choose one of {SELECTION_RULES}")
-    if rule != "random" and weight_fn is None:
+    kind = rule.removeprefix("small_")
+    if kind in ("magnitude", "weight_activation") and weight_fn is None:
         raise ValueError(f"selection rule {rule!r} needs the base weight")
+    if kind.endswith("activation"):
+        if structure == "rows" or (structure == "unstructured" and kind == "activation"):
+            raise ValueError(f"selection rule {rule!r} scores input columns: use it with structure='columns'"
+                             + (" (or 'weight_activation' for single entries)" if structure == "unstructured" else ""))
+        if activation is None:
+            raise NeedsCalibration(f"selection rule {rule!r} needs activations: call sparse_peft.calibrate(model, batches)")
+        activation = activation.detach().float().cpu()
     if structure == "unstructured":
-        return _pick(rule, k, shape[0] * shape[1], seed, lambda: weight_fn().abs().reshape(-1), exclude)
+        def entry_scores():
+            scores = weight_fn().detach().float().abs().cpu()
+            return (scores * activation[None, :] if kind == "weight_activation" else scores).reshape(-1)
+
+        return _pick(rule, k, shape[0] * shape[1], seed, entry_scores, exclude)
     if structure not in ("rows", "columns"):
         raise ValueError(f"unknown structure {structure!r}")
     dim = 0 if structure == "rows" else 1
@@ -111,8 +142,13 @@ def select(
         raise ValueError(f"{shape[dim]} {structure} cannot be chosen in groups of {group} (k={k})")
 
     def group_norms():
-        # norm of each row (dim=0) or column (dim=1), then of each group of them
-        norms = weight_fn().detach().float().norm(dim=1 - dim)
+        # a score per row (dim=0) or column (dim=1), then the norm of each group of them
+        if kind == "activation":
+            norms = activation
+        else:
+            norms = weight_fn().detach().float().norm(dim=1 - dim).cpu()
+            if kind == "weight_activation":
+                norms = norms * activation
         return norms.reshape(-1, group).norm(dim=1)
 
     excluded_groups = None if exclude is None else (exclude.long() // group).unique()

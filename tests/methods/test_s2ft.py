@@ -130,3 +130,68 @@ def test_disjoint_adapters_fuse_and_switch():
 def test_head_groups_need_columns():
     with pytest.raises(ValueError, match="head_groups"):
         SparseConfig(method="s2ft", structure="rows")
+
+
+def _reference_norms(base, names, batches):
+    """Input-feature norms recorded independently, on the plain base model."""
+    sums = {}
+    handles = [
+        base.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: sums.__setitem__(n, sums.get(n, 0) + args[0].reshape(-1, args[0].shape[-1]).pow(2).sum(0))
+        )
+        for n in names
+    ]
+    with torch.no_grad():
+        for b in batches:
+            base(b)
+    for h in handles:
+        h.remove()
+    return {n: v.sqrt() for n, v in sums.items()}
+
+
+def test_small_activation_selection_picks_the_quietest_heads_and_channels(tmp_path):
+    from peft import PeftModel
+
+    base = tiny_llama()
+    batches = [torch.randint(0, 128, (2, 12)) for _ in range(3)]
+    config = SparseConfig(method="s2ft", selection="small_activation", module_density={"o_proj": 0.5}, density=0.25)
+    model = get_peft_model(copy.deepcopy(base), config)
+    x = torch.randint(0, 128, (2, 9))
+    with pytest.raises(RuntimeError, match="sparse_peft.calibrate"):
+        model.train()(x, labels=x).loss.backward()
+    assert sparse_peft.calibrate(model, batches, progress=False) == 3 * 2 * 12
+    layers = {n.removeprefix("base_model.model."): m for n, m in _adapted(model).items()}
+    norms = _reference_norms(base, layers, batches)
+    for name, layer in layers.items():
+        chosen = layer.sparse_col_index["default"].long()
+        if name.endswith("o_proj"):  # whole heads of 8 columns: the 2 of 4 with the smallest norm
+            head_norms = norms[name].reshape(4, 8).norm(dim=1)
+            expected = head_norms.topk(2, largest=False).indices.sort().values
+            assert chosen.reshape(-1, 8)[:, 0].div(8, rounding_mode="floor").tolist() == expected.tolist()
+        else:
+            expected = norms[name].topk(chosen.numel(), largest=False).indices.sort().values
+            assert chosen.tolist() == expected.tolist()
+    model(x, labels=x).loss.backward()  # calibrated: trains
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path, is_trainable=True)
+    loaded.train()(x, labels=x).loss.backward()  # the file's support needs no calibration
+
+
+def test_weight_activation_on_single_entries_is_wandas_score():
+    from ..conftest import MLP
+
+    base = MLP()
+    batches = [torch.randn(8, 10) * torch.linspace(0.1, 4, 10) for _ in range(2)]
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=["lin0"], selection="weight_activation", density=0.1))
+    sparse_peft.calibrate(model, batches, progress=False)
+    norms = _reference_norms(base, ["lin0"], batches)["lin0"]
+    score = (base.lin0.weight.abs() * norms[None, :]).reshape(-1)
+    expected = score.topk(20).indices.sort().values
+    assert model.base_model.model.lin0.sparse_indices["default"].long().tolist() == expected.tolist()
+
+
+def test_activation_rules_refuse_structures_they_cannot_score():
+    with pytest.raises(ValueError, match="scores input columns"):
+        SparseConfig(selection="activation", structure="rows")
+    with pytest.raises(ValueError, match="weight_activation"):
+        SparseConfig(selection="small_activation", structure="unstructured")
