@@ -21,6 +21,18 @@ import torch
 from . import ops
 
 
+def sm3_accumulate(row: torch.Tensor, col: torch.Tensor, indices: torch.Tensor, in_features: int, grad: torch.Tensor):
+    """One SM3 step of the row and column accumulators, in place, for the entries at flat `indices`.
+
+    Returns u, each entry's second-moment estimate: min(row[r], col[c]) + g².
+    """
+    rows, cols = ops.split_flat(indices, in_features)
+    u = torch.minimum(row[rows], col[cols]) + grad.float() ** 2
+    row.scatter_reduce_(0, rows, u, "amax")
+    col.scatter_reduce_(0, cols, u, "amax")
+    return u
+
+
 class SparseSM3(torch.optim.Optimizer):
     """SM3 over the unstructured sparse values of one adapter.
 
@@ -63,11 +75,8 @@ class SparseSM3(torch.optim.Optimizer):
                 if not state:
                     state["row"] = torch.zeros(out_features, device=p.device)
                     state["col"] = torch.zeros(in_features, device=p.device)
-                rows, cols = ops.split_flat(layer.sparse_indices[adapter], in_features)
                 g = p.grad.float()
-                u = torch.minimum(state["row"][rows], state["col"][cols]) + g * g
-                state["row"].scatter_reduce_(0, rows, u, "amax")
-                state["col"].scatter_reduce_(0, cols, u, "amax")
+                u = sm3_accumulate(state["row"], state["col"], layer.sparse_indices[adapter], in_features, g)
                 if group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 p.add_((g / (u + group["eps"]).sqrt()).to(p.dtype), alpha=-group["lr"])

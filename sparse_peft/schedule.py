@@ -232,7 +232,7 @@ class SparseScheduler:
 
         Under `SparseSM3` the optimizer keeps exactly these: use its own rather than a second copy.
         """
-        from .optim import SparseSM3
+        from .optim import SparseSM3, sm3_accumulate
 
         optimizer = _unwrap_optimizer(self.optimizer)
         if isinstance(optimizer, SparseSM3):
@@ -252,10 +252,7 @@ class SparseScheduler:
                     torch.zeros(in_features, device=values.device),
                 )
             row_acc, col_acc = self.momentum[name]
-            rows, cols = ops.split_flat(layer.sparse_indices[self.adapter], in_features)
-            u = torch.minimum(row_acc[rows], col_acc[cols]) + values.grad.float() ** 2
-            row_acc.scatter_reduce_(0, rows, u, "amax")
-            col_acc.scatter_reduce_(0, cols, u, "amax")
+            sm3_accumulate(row_acc, col_acc, layer.sparse_indices[self.adapter], in_features, values.grad)
 
     # -- checkpoints: everything a resumed run needs to continue exactly -----------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -311,6 +308,8 @@ class SparseScheduler:
             total_k, total_numel = total_k + k, total_numel + out_features * in_features
             n_drop = int(k * fraction)
             probe = layer.sparse_probe.pop(self.adapter, None)
+            if n_drop == 0:
+                continue  # the same on every rank (same k and fraction), so no collective is skipped on one alone
             if config.regrowth == "gradient":
                 if probe is None or probe.candidates is None:
                     continue  # this layer saw no backward in the window
@@ -324,8 +323,6 @@ class SparseScheduler:
                 candidates, scores = top_positions(
                     lambda r0, r1: row_acc[r0:r1, None] * col_acc[None, :], out_features, in_features, n_drop, indices
                 )
-            if n_drop == 0:
-                continue
             result = regrow(indices, values, n_drop, candidates.to(indices.device), scores.to(values.device))
             keep = result.source >= 0
             moved = torch.zeros_like(values)
