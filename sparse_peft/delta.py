@@ -29,8 +29,9 @@ COL_BLOCK, COL_INDEX = "sparse_col_block", "sparse_col_index"
 LORA_A, LORA_B = "sparse_lora_A", "sparse_lora_B"
 PARAMETER_NAMES = (VALUES, ROW_BLOCK, COL_BLOCK, LORA_A, LORA_B)
 INDEX_NAMES = (INDICES, ROW_INDEX, COL_INDEX)
-# which index tensor each parameter needs
+# which index tensor each parameter needs, and which one each structure uses
 INDEX_OF = {VALUES: INDICES, ROW_BLOCK: ROW_INDEX, COL_BLOCK: COL_INDEX}
+INDEX_OF_STRUCTURE = {"unstructured": INDICES, "rows": ROW_INDEX, "columns": COL_INDEX}
 
 
 def index_dtype(numel: int) -> torch.dtype:

@@ -99,7 +99,7 @@ def model_card_section(peft_model) -> str:
         method = METHODS.get(config.method)
         title = f"{method.title} ([paper]({method.paper}))" if method else "custom (general fields only)"
         layers = [m for m in peft_model.modules() if isinstance(m, SparseLayer) and name in m._all_available_adapter_names()]
-        trainable = sum(m.get_delta(name).num_trainable() for m in layers if m.get_delta(name) is not None)
+        trainable = sum(d.num_trainable() for d in (m.get_delta(name) for m in layers) if d is not None)
         budget = f"density {config.density:g}" if config.equivalent_rank is None else f"LoRA-rank parity r={config.equivalent_rank}"
         lines += [
             f"- adapter `{name}`: {title}",

@@ -16,6 +16,7 @@ from .delta import (
     COL_BLOCK,
     COL_INDEX,
     INDEX_NAMES,
+    INDEX_OF_STRUCTURE,
     INDICES,
     LORA_A,
     LORA_B,
@@ -131,8 +132,7 @@ class SparseLayer(BaseTunerLayer):
         Same size as before; the trained values start again from their initial state.
         """
         out_features, in_features = self.delta_shape
-        index_key = {"unstructured": INDICES, "rows": ROW_INDEX, "columns": COL_INDEX}[config.structure]
-        indices = getattr(self, index_key)[adapter_name]
+        indices = getattr(self, INDEX_OF_STRUCTURE[config.structure])[adapter_name]
         seed = module_seed(config.seed, module_key)
         exclude = self._taken_by(config.disjoint_from or [], config.structure)
         support = select(
@@ -145,7 +145,7 @@ class SparseLayer(BaseTunerLayer):
 
     def _taken_by(self, adapter_names: list[str], structure: str) -> Optional[torch.Tensor]:
         """The support of the given adapters on this layer, for a new adapter that must avoid it."""
-        store = getattr(self, {"unstructured": INDICES, "rows": ROW_INDEX, "columns": COL_INDEX}[structure])
+        store = getattr(self, INDEX_OF_STRUCTURE[structure])
         taken = [store[name].long() for name in adapter_names if name in store]
         return torch.cat(taken) if taken else None
 
