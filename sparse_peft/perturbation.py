@@ -1,0 +1,197 @@
+"""LoRA-GGPO: the perturbation's scale (per-row norms) and the perturbed frozen linear layer.
+
+LoRA-GGPO (Chang et al., arXiv 2502.14538 v1) trains a LoRA while every training forward uses a
+noisy merged weight W' + ε, W' = W0 + s·B·A, with ε drawn afresh per step, row by row (Eq. 6):
+
+    ε_ij ~ N(0, (σ²/n) · (‖W'_i‖² + β·‖∇W'_i‖²)),   n = in_features, σ = 0.03, β = 0.01,
+
+    ‖W'_i‖² ≈ ‖W0_i‖² + ‖(sBA)_i‖²                    (Eq. 7)
+    ∇W'    ≈ s·(B·∇A + ∇B·A)                          (Eq. 8, gradients of the previous step).
+
+No official code for v1 exists (the authors' repository now holds its successor, LoRA-MGPO):
+this module is our reconstruction from the equations. Its choices:
+- Eq. 7 is taken literally (no cross term 2·⟨W0_i, (sBA)_i⟩), and ‖W0_i‖² is exact, computed
+  once per layer, not estimated from sampled rows.
+- ε enters with its gradient path: dx = dy·(W0 + ε), the gradient of the perturbed network,
+  not of the clean one.
+- ε is never stored. It is regenerated from an integer seed in backward (as Flat-LoRA does), so
+  a layer keeps no activation and no out×in tensor for backward, and W0 is never written to:
+  removing the perturbation is exact by construction.
+
+Everything here is tensors in, tensors out. The caller decides which seed each layer gets at
+each forward (it must be fixed before the forward, so that a checkpointed recompute and the
+backward see the same one: e.g. derived from the step, micro-batch and layer index) and when the
+cached norms are refreshed (after clipping, before the optimizer step).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import Function
+
+
+# Bound, in elements, on the float32 block of W0 that row_sq_norms converts at a time (16 MiB).
+_ROW_BLOCK_ELEMENTS = 1 << 22
+
+
+def _acc(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 if an input is float64: never accumulate a norm in bf16/fp16."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def row_sq_norms(weight: torch.Tensor) -> torch.Tensor:
+    """‖W0_i‖² for each row of an (out × in) weight: Eq. 7's frozen part, computed once per layer.
+
+    Streams blocks of rows, so a bf16/fp16 weight is converted at most one block at a time,
+    never as a whole fp32 copy. Returns float32 (float64 for a float64 weight). A transposed view
+    (a Conv1D weight's .t()) works too.
+    """
+    acc = _acc(weight)
+    out_features, in_features = weight.shape
+    result = torch.empty(out_features, dtype=acc, device=weight.device)
+    step = max(1, _ROW_BLOCK_ELEMENTS // max(in_features, 1))
+    with torch.no_grad():
+        for r0 in range(0, out_features, step):
+            block = weight[r0 : r0 + step].to(acc)
+            result[r0 : r0 + step] = torch.linalg.vecdot(block, block)
+    return result
+
+
+def _quad(left: torch.Tensor, gram: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Row-wise left_i · gram · right_iᵀ for (out × r) left/right and an (r × r) gram."""
+    return torch.linalg.vecdot(left @ gram, right)
+
+
+def low_rank_row_sq_norms(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> torch.Tensor:
+    """‖(s·B·A)_i‖² = s²·b_i (A Aᵀ) b_iᵀ: Eq. 7's adapter part.
+
+    Goes through the r × r Gram matrix A·Aᵀ, never forming B·A: O((out + in)·r²) work, no
+    out × in tensor. A: (r × in), B: (out × r). Returns float32 (float64 for float64 inputs).
+    """
+    acc = _acc(lora_A, lora_B)
+    with torch.no_grad():
+        a, b = lora_A.to(acc), lora_B.to(acc)
+        return _quad(b, a @ a.t(), b) * scaling**2
+
+
+def low_rank_grad_row_sq_norms(lora_A, lora_B, grad_A, grad_B, scaling: float) -> torch.Tensor:
+    """‖s·(B·gA + gB·A)_i‖², the row norms of Eq. 8's estimate of ∇W', exactly.
+
+    Row i of the sum is b_i·gA + gb_i·A, whose squared norm expands into three quadratic forms
+    with the r × r Gram matrices gA·gAᵀ, gA·Aᵀ and A·Aᵀ:
+
+        b_i (gA gAᵀ) b_iᵀ + 2·b_i (gA Aᵀ) gb_iᵀ + gb_i (A Aᵀ) gb_iᵀ
+
+    so nothing of size out × in is formed. Either gradient may be None (taken as zero). The
+    expansion can round to a tiny negative value; it is clamped at zero.
+    """
+    acc = _acc(lora_A, lora_B)
+    with torch.no_grad():
+        a, b = lora_A.to(acc), lora_B.to(acc)
+        total = torch.zeros(b.shape[0], dtype=acc, device=b.device)
+        ga = None if grad_A is None else grad_A.to(acc)
+        gb = None if grad_B is None else grad_B.to(acc)
+        if ga is not None:
+            total += _quad(b, ga @ ga.t(), b)
+        if gb is not None:
+            total += _quad(gb, a @ a.t(), gb)
+        if ga is not None and gb is not None:
+            total += 2 * _quad(b, ga @ a.t(), gb)
+        return total.clamp_(min=0) * scaling**2
+
+
+def ggpo_row_std(
+    w0_row_sq: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    grad_A: torch.Tensor | None,
+    grad_B: torch.Tensor | None,
+    scaling: float,
+    sigma: float = 0.03,
+    beta: float = 0.01,
+) -> torch.Tensor:
+    """Per-row standard deviation of ε (Eq. 6 with Eq. 7 and 8), shape (out,):
+
+        sqrt((σ²/n) · (‖W0_i‖² + ‖(sBA)_i‖² + β·‖s(B·gA + gB·A)_i‖²)),   n = in_features.
+
+    w0_row_sq is row_sq_norms(W0), cached. grad_A / grad_B are the previous step's gradients;
+    with both None (the first step) the β term is zero. Returns float32 (float64 for float64
+    inputs); carries no autograd history.
+    """
+    n = lora_A.shape[-1]
+    with torch.no_grad():
+        var = w0_row_sq.to(_acc(w0_row_sq, lora_A)) + low_rank_row_sq_norms(lora_A, lora_B, scaling)
+        if beta and (grad_A is not None or grad_B is not None):
+            var = var + beta * low_rank_grad_row_sq_norms(lora_A, lora_B, grad_A, grad_B, scaling)
+        return (var * (sigma**2 / n)).sqrt_()
+
+
+def perturbed_weight(weight: torch.Tensor, row_std: torch.Tensor, seed: int) -> torch.Tensor:
+    """A fresh tensor W0 + row_std[:, None] · Z, Z ~ N(0, 1) of W0's shape, in W0's dtype.
+
+    Z is drawn in float32 from a private torch.Generator on W0's device seeded with `seed`, so
+    the global RNG is untouched and the same seed gives the same tensor bit for bit, in forward
+    and again in backward. (float32 because it is the fastest exact draw: bf16 and float64 draws
+    are slower on CPU, and one dtype keeps Z the same whatever W0's dtype.) The sum is formed in
+    float32 (float64 for a float64 W0) and rounded to W0's dtype once: for a bf16 W0 this rounds
+    W0 + ε instead of adding an already rounded ε to W0. Peak memory is Z plus the result; for
+    an fp32 W0 the result is Z itself, updated in place.
+    """
+    acc = _acc(weight)
+    gen = torch.Generator(device=weight.device)
+    gen.manual_seed(seed)
+    noise = torch.randn(weight.shape, generator=gen, dtype=torch.float32, device=weight.device).to(acc)
+    noise.mul_(row_std.detach().to(acc)[:, None]).add_(weight.detach())
+    return noise.to(weight.dtype)
+
+
+class PerturbedLinear(Function):
+    """y = x·(W0 + ε)ᵀ + b for a frozen W0 (out × in) and ε = row_std[:, None] · Z(seed).
+
+    Saves only W0 (a reference to the frozen parameter) and row_std (out floats); the seed is an
+    int on ctx. Not x: W0 gets no gradient, so x is not needed. Not ε or W0 + ε: backward rebuilds
+    W0 + ε from the seed (perturbed_weight, same generator and dtype path) and returns
+    dx = dy·(W0 + ε). The perturbed weight lives only inside forward and inside backward.
+
+    x: (..., in), any float dtype; the GEMM runs in W0's dtype (x and b cast to it), y comes out
+    in W0's dtype, dx in x's dtype. W0, b and row_std get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, row_std, seed: int):
+        w = perturbed_weight(weight, row_std, seed)
+        y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+        ctx.save_for_backward(weight, row_std)
+        ctx.seed = seed
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, row_std = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            w = perturbed_weight(weight, row_std, ctx.seed)
+            dx = (dy.to(w.dtype) @ w).to(ctx.x_dtype)
+        return dx, None, None, None, None
+
+
+def perturbed_linear(x, weight, bias, row_std, seed: int) -> torch.Tensor:
+    """x·(W0 + ε)ᵀ + b with ε_ij = row_std_i · Z_ij, Z regenerated from `seed` (see PerturbedLinear).
+
+    weight is (out × in). For transformers' Conv1D, whose weight is stored (in × out), pass the
+    view `conv.weight.t()`: nothing is copied, and the noise is indexed like a Linear's.
+    row_std is used as a constant (detached): it must not change in place before backward.
+    """
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError(
+            "perturbed_linear: the base weight and bias must be frozen (requires_grad=False); "
+            "LoRA-GGPO perturbs W0 and trains only the adapter"
+        )
+    if row_std.shape != weight.shape[:1]:
+        raise ValueError(f"perturbed_linear: row_std has shape {tuple(row_std.shape)}, expected ({weight.shape[0]},)")
+    return PerturbedLinear.apply(x, weight, bias, row_std.detach(), int(seed))
