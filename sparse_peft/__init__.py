@@ -5,6 +5,7 @@ Importing this package registers the methods with PEFT (safe to repeat), so that
 and adapters saved with it. Import it before loading such an adapter.
 """
 
+from . import sltrain
 from ._peft import SparsePeftType, install_model_card_hook, register
 from .calibration import calibrate
 from .callbacks import SparseCallback
@@ -14,6 +15,7 @@ from .layer import Conv2d, Linear, SparseLayer
 from .methods import METHODS
 from .model import SparseModel
 from .optim import SparseSM3
+from .prune import PruneReport, prune
 from .schedule import SparseScheduler
 from .version import __version__
 
@@ -31,8 +33,11 @@ __all__ = [
     "SparseLayer",
     "SparseModel",
     "SparsePeftType",
+    "PruneReport",
     "SparseSM3",
     "SparseScheduler",
     "__version__",
     "calibrate",
+    "prune",
+    "sltrain",
 ]

@@ -3,9 +3,10 @@
     trainer = SFTTrainer(..., peft_config=SparseConfig(method="spiel"), callbacks=[SparseCallback()])
 
 No Trainer subclass: the callback builds a `SparseScheduler` once the optimizer exists (at
-`on_train_begin`), steps it after every optimizer step (gradients are still in `.grad` then),
-and adds its statistics (`sparse/density`, `sparse/dropped`, `sparse/regrown`, `sparse/churn`)
-to the next log, so that W&B, TensorBoard and `trainer.state.log_history` show them.
+`on_train_begin`), calls it just before every optimizer step (gradients complete and clipped) and
+just after (gradients are still in `.grad` then), and adds its statistics (`sparse/density`,
+`sparse/churn`, `sparse/nuclear_norm`, `sparse/perturbation_std`, ...) to the next log, so that
+W&B, TensorBoard and `trainer.state.log_history` show them.
 """
 
 from __future__ import annotations
@@ -53,6 +54,12 @@ class SparseCallback(TrainerCallback):
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 save_file(self.scheduler.state_dict(), os.path.join(folder, STATE_FILE))
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        # after the gradients are complete and clipped: SaRA's penalty gradient, GGPO's next noise scale
+        stats = self.scheduler.before_optimizer_step() if self.scheduler is not None else None
+        if stats:
+            self._pending.update(stats)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         stats = self.scheduler.step() if self.scheduler is not None else None

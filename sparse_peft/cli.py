@@ -25,6 +25,7 @@ from typing import Optional, Union, get_args, get_origin, get_type_hints
 from peft.config import PeftConfig
 
 from .config import SparseConfig
+from .selection import CALIBRATION_RULES
 
 
 NOT_FLAGS = {"sparse_peft_version"}  # SparseConfig fills it in itself
@@ -251,9 +252,9 @@ def main(argv=None) -> int:
         train_dataset=dataset[script.dataset_train_split],
         eval_dataset=dataset[script.dataset_test_split] if evaluate else None,
     )
-    SparseCallback.attach(trainer)  # runs the method's schedules (SpIEL's regrowth); a no-op for the others
-    if config.selection.endswith("activation"):
-        # the support of an activation rule is a placeholder until it has seen data
+    SparseCallback.attach(trainer)  # runs the method's steps (regrowth, penalties, noise); a no-op for the others
+    if config.selection in CALIBRATION_RULES:
+        # the support of a data-driven rule is a placeholder until it has seen data (gradient rules: with labels)
         calibrate(trainer.model, calibration_batches(trainer, sparse.calibration_batches),
                   progress=not training.disable_tqdm)
 

@@ -26,6 +26,14 @@ _GENERAL_DEFAULTS = dict(
     initial_reselection_rate=0.2,
     reselection_rate_policy="linear",
     regrowth="gradient",
+    residual_rank=8,
+    scale_sparse=False,
+    nuclear_norm_weight=0.0,
+    nuclear_norm_layers=1,
+    perturbation="none",
+    perturbation_sigma=0.03,
+    perturbation_beta=0.01,
+    store_indices=True,
 )
 
 
@@ -59,10 +67,18 @@ class SparseConfig(PeftConfig):
             Choose the input columns of attention output projections in whole heads.
         disjoint_from (`list[str]`, *optional*):
             Adapters whose supports this one must avoid (for fusion).
+        allocation (`str`, defaults to `"uniform"`):
+            "uniform": each layer trains its own budget. "global": the same total, pooled over the
+            layers per module (all o_proj heads, all down_proj channels), so counts vary by layer.
+        coupled_rows (`list[str]`, *optional*):
+            S²FT's other side: also train the output rows that produce the chosen units, by role:
+            "ffn_up" (up and gate rows of the chosen FFN channels), "value" (value rows of the
+            chosen heads). Needs structure="columns".
         selection (`str`, *optional*, defaults to `"random"`):
             How the support is chosen: "random", "magnitude" (largest |w|), "activation" (input
-            columns of largest norm on calibration data), "weight_activation" (|w|·‖x_col‖), or the
-            "small_" variant of each. The activation rules need `sparse_peft.calibrate`.
+            columns of largest norm on calibration data), "weight_activation" (|w|·‖x_col‖), "gradient"
+            (input columns of largest loss gradient on calibration data), or the "small_" variant of
+            each. The activation and gradient rules need `sparse_peft.calibrate`.
         r (`int`, *optional*, defaults to `0`):
             Rank of the low-rank part; 0 for none.
         lora_alpha (`float`, *optional*):
@@ -139,14 +155,16 @@ class SparseConfig(PeftConfig):
     selection: Optional[
         Literal[
             "random", "magnitude", "small_magnitude", "activation", "small_activation", "weight_activation",
-            "small_weight_activation",
+            "small_weight_activation", "gradient", "small_gradient", "lowrank_residual",
         ]
     ] = field(
         default=None,
         metadata={
             "help": "How the support is chosen: 'random', 'magnitude' (largest |w|, or row/column norms), "
             "'activation' (input columns of largest norm on calibration data), 'weight_activation' (largest "
-            "|w|*||x_col||, Wanda's score), or the 'small_' variant of each. The activation rules need "
+            "|w|*||x_col||, Wanda's score), 'gradient' (input columns of largest loss gradient ||dL/dW[:, c]|| on "
+            "calibration data with labels), or the 'small_' variant of each; 'lowrank_residual' (DSEE: largest "
+            "entries of W minus its rank-`residual_rank` fit). The activation and gradient rules need "
             "`sparse_peft.calibrate(model, batches)` before training. Defaults to the method's, else 'random'."
         },
     )
@@ -169,6 +187,25 @@ class SparseConfig(PeftConfig):
         metadata={
             "help": "Names of adapters already in the model whose supports this one must avoid, so that the two "
             "can be fused (merged together) without overlapping."
+        },
+    )
+    allocation: Literal["uniform", "global"] = field(
+        default="uniform",
+        metadata={
+            "help": "How a structured budget is spread over layers. 'uniform': every layer trains its own budget. "
+            "'global': the same total per module role, pooled over all layers (all attention-output heads, all "
+            "FFN down channels), then picked by `selection` (the top scores of the pool, or a uniform draw for "
+            "'random'), so each layer's count varies. Needs structure 'rows' or 'columns'."
+        },
+    )
+    coupled_rows: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": "Roles whose output rows also train, at the same units as the columns chosen on their consumer "
+            "in the same layer: 'ffn_up' (up and gate rows of the chosen FFN channels of down_proj) and 'value' "
+            "(value-projection rows of the heads chosen on the attention output; under grouped-query attention, "
+            "every key/value head a chosen query head reads). Their modules are added to the targets. Needs "
+            "structure='columns'."
         },
     )
     r: Optional[int] = field(
@@ -206,6 +243,82 @@ class SparseConfig(PeftConfig):
         metadata={
             "help": "Where new entries grow: 'gradient' (largest accumulated gradient over the last "
             "accumulation_steps) or 'momentum' (largest SM3-style row x column accumulator, O(rows + cols) memory)."
+        },
+    )
+    threshold: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "SaRA: train every entry whose |w| is below this absolute value (the paper uses 2e-3), instead "
+            "of a fraction of each layer. Needs selection='small_magnitude'; `density` is then ignored and each "
+            "layer's count follows its weights."
+        },
+    )
+    residual_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "DSEE, selection='lowrank_residual': rank of the low-rank fit of each pretrained weight; the "
+            "support is the largest entries of the residual W - W_r. Defaults to 8."
+        },
+    )
+    scale_sparse: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Scale the sparse part by lora_alpha / r too, as DSEE's code does (True for method='dsee'). "
+            "Defaults to False: the sparse part is unscaled."
+        },
+    )
+    nuclear_norm_weight: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "SaRA: weight λ of a nuclear-norm penalty λ·||ΔW||_* on each layer's sparse update, applied as "
+            "a subgradient added to the values' gradients before each optimizer step (needs SparseCallback or "
+            "SparseScheduler). 0 disables it. Defaults to the method's (5e-4 for 'sara'), else 0."
+        },
+    )
+    nuclear_norm_layers: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "How many layers get the nuclear-norm subgradient per optimizer step, in turn (each SVD costs "
+            "time). Defaults to 1, as in SaRA."
+        },
+    )
+    nuclear_norm_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Use a randomized SVD of this rank (torch.svd_lowrank) for the nuclear-norm subgradient instead "
+            "of a full SVD: an approximation that is much cheaper on large layers. None: full SVD."
+        },
+    )
+    progressive_step: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "SaRA's progressive adjustment: at this optimizer step (an integer), or at this fraction of the "
+            "run (a float below 1), keep training only the entries whose |w + Δ| is still below the threshold and "
+            "freeze the others at their learned values. Defaults to the method's (0.5 for 'sara'), else never."
+        },
+    )
+    perturbation: Optional[Literal["none", "ggpo"]] = field(
+        default=None,
+        metadata={
+            "help": "LoRA-GGPO: 'ggpo' adds Gaussian noise to the merged weight in each training forward, row-wise "
+            "scaled by the weight and gradient norms of the previous step (needs SparseCallback or "
+            "SparseScheduler). Defaults to the method's, else 'none'."
+        },
+    )
+    perturbation_sigma: Optional[float] = field(
+        default=None,
+        metadata={"help": "LoRA-GGPO's noise scale σ. Defaults to 0.03."},
+    )
+    perturbation_beta: Optional[float] = field(
+        default=None,
+        metadata={"help": "LoRA-GGPO's weight β of the gradient norm against the weight norm. Defaults to 0.01."},
+    )
+    store_indices: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Save the support's indices in the adapter file. False (SLTrain) needs selection='random': the "
+            "support is then drawn by a portable generator from `seed` and each module's name, identical on "
+            "every device and torch version, and regenerated at load time. Defaults to True, False for 'sltrain'."
         },
     )
     seed: int = field(
@@ -289,6 +402,10 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"structure={self.structure!r} is not one of {STRUCTURES}")
         if self.selection not in SELECTION_RULES:
             raise ValueError(f"selection={self.selection!r} is not one of {SELECTION_RULES}")
+        if self.selection in ("gradient", "small_gradient") and self.structure != "columns":
+            raise ValueError(
+                f"selection={self.selection!r} scores input columns by their weight gradient: use structure='columns'"
+            )
         if self.selection.endswith("activation") and (
             self.structure in ("rows", "none")
             or (self.structure == "unstructured" and self.selection.removeprefix("small_") == "activation")
@@ -334,8 +451,30 @@ class SparseConfig(PeftConfig):
         for suffix, density in (self.module_density or {}).items():
             if not (isinstance(density, (int, float)) and 0 < density <= 1):
                 raise ValueError(f"module_density[{suffix!r}]={density!r} must be in (0, 1]")
+        self._validate_schedules()
         if self.head_groups and self.structure != "columns":
             raise ValueError("head_groups=True chooses input columns in whole heads, so it needs structure='columns'")
+        if self.allocation not in ("uniform", "global"):
+            raise ValueError(f"allocation={self.allocation!r}: use 'uniform' (a budget per layer) or 'global' (pooled)")
+        if self.allocation == "global" and self.structure not in ("rows", "columns"):
+            raise ValueError(
+                f"allocation='global' pools whole rows or columns over layers, not {self.structure!r} entries: "
+                "use structure='rows' or 'columns', or allocation='uniform'"
+            )
+        if isinstance(self.coupled_rows, str):
+            self.coupled_rows = [self.coupled_rows]
+        if self.coupled_rows:
+            unknown = sorted(set(self.coupled_rows) - {"ffn_up", "value"})
+            if unknown:
+                raise ValueError(
+                    f"coupled_rows has unknown roles {unknown}: use 'ffn_up' (up/gate rows of the chosen FFN "
+                    "channels) and/or 'value' (value rows of the chosen heads)"
+                )
+            if self.structure != "columns":
+                raise ValueError(
+                    "coupled_rows trains the rows that produce the input columns chosen on the output projections, "
+                    f"so it needs structure='columns' (got {self.structure!r})"
+                )
         if isinstance(self.disjoint_from, str):
             self.disjoint_from = [self.disjoint_from]
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -344,6 +483,50 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"bias={self.bias!r} must be 'none', 'all' or 'sparse_only'")
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern only applies together with layers_to_transform")
+
+    def _validate_schedules(self) -> None:
+        """The fields of DSEE, SaRA, LoRA-GGPO and SLTrain."""
+        if self.threshold is not None:
+            if not (isinstance(self.threshold, (int, float)) and self.threshold > 0):
+                raise ValueError(f"threshold={self.threshold!r} must be > 0, e.g. 2e-3 as in SaRA")
+            if self.selection != "small_magnitude" or self.structure != "unstructured":
+                raise ValueError("threshold chooses the entries with |w| below it: use selection='small_magnitude' "
+                                 "and structure='unstructured' with it")
+        if self.selection == "lowrank_residual" and self.structure != "unstructured":
+            raise ValueError("selection='lowrank_residual' scores single entries: use structure='unstructured'")
+        if not isinstance(self.residual_rank, int) or self.residual_rank < 1:
+            raise ValueError(f"residual_rank={self.residual_rank!r} must be an integer >= 1")
+        if not (isinstance(self.nuclear_norm_weight, (int, float)) and self.nuclear_norm_weight >= 0):
+            raise ValueError(f"nuclear_norm_weight={self.nuclear_norm_weight!r} must be >= 0 (0 disables it)")
+        if not isinstance(self.nuclear_norm_layers, int) or self.nuclear_norm_layers < 1:
+            raise ValueError(f"nuclear_norm_layers={self.nuclear_norm_layers!r} must be an integer >= 1")
+        if self.nuclear_norm_rank is not None and (not isinstance(self.nuclear_norm_rank, int) or self.nuclear_norm_rank < 1):
+            raise ValueError(f"nuclear_norm_rank={self.nuclear_norm_rank!r} must be a positive integer or None (full SVD)")
+        if self.nuclear_norm_weight and self.structure == "none":
+            raise ValueError("nuclear_norm_weight penalises the sparse part, and structure='none' has none")
+        if self.progressive_step is not None:
+            step = self.progressive_step
+            if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or (isinstance(step, float) and step >= 1 and not step.is_integer()):
+                raise ValueError(f"progressive_step={step!r} must be a step number >= 1 or a fraction of the run in (0, 1)")
+            if self.selection != "small_magnitude" or self.structure != "unstructured":
+                raise ValueError("progressive_step keeps training the entries still below the magnitude threshold: it "
+                                 "needs selection='small_magnitude' and structure='unstructured'")
+            if self.reselection_steps:
+                raise ValueError("progressive_step and reselection_steps both change the support: use one of them")
+        if self.perturbation not in ("none", "ggpo"):
+            raise ValueError(f"perturbation={self.perturbation!r}: use 'none' or 'ggpo'")
+        if self.perturbation == "ggpo" and self.r == 0:
+            raise ValueError("perturbation='ggpo' scales its noise by the low-rank update's norms: set r > 0")
+        for name in ("perturbation_sigma", "perturbation_beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0):
+                raise ValueError(f"{name}={value!r} must be >= 0")
+        if not self.store_indices:
+            if self.selection != "random" or self.structure != "unstructured" or self.reselection_steps:
+                raise ValueError("store_indices=False regenerates a fixed random support from the seed: it needs "
+                                 "selection='random', structure='unstructured' and no reselection")
+            if self.disjoint_from:
+                raise ValueError("store_indices=False cannot avoid other adapters' supports (disjoint_from)")
 
     @property
     def scaling(self) -> float:

@@ -8,6 +8,10 @@ A `Delta` is a read-only view over the tensors that a layer stores for one adapt
 - columns:      a dense block (out × s) on the input columns `col_index`,
 - low-rank:     scaling · lora_B @ lora_A.
 
+The sparse parts are multiplied by `sparse_scale` (1, or DSEE's lora_alpha / r). An unstructured
+part may have frozen slots (SaRA's progressive step): their values come from `frozen_values` and
+get no gradient, whatever the trainable tensor holds there.
+
 The layer owns the storage (PEFT needs it in per-adapter dicts); this module owns the math:
 the forward update through `ops`, adding ΔW into a weight, and the checks a stored delta must pass.
 """
@@ -27,8 +31,11 @@ VALUES, INDICES = "sparse_values", "sparse_indices"
 ROW_BLOCK, ROW_INDEX = "sparse_row_block", "sparse_row_index"
 COL_BLOCK, COL_INDEX = "sparse_col_block", "sparse_col_index"
 LORA_A, LORA_B = "sparse_lora_A", "sparse_lora_B"
+# slots of `sparse_values` that no longer train, and the values they keep (SaRA's progressive step)
+FROZEN_SLOTS, FROZEN_VALUES = "sparse_frozen_slots", "sparse_frozen_values"
 PARAMETER_NAMES = (VALUES, ROW_BLOCK, COL_BLOCK, LORA_A, LORA_B)
 INDEX_NAMES = (INDICES, ROW_INDEX, COL_INDEX)
+FROZEN_NAMES = (FROZEN_SLOTS, FROZEN_VALUES)
 # which index tensor each parameter needs, and which one each structure uses
 INDEX_OF = {VALUES: INDICES, ROW_BLOCK: ROW_INDEX, COL_BLOCK: COL_INDEX}
 INDEX_OF_STRUCTURE = {"unstructured": INDICES, "rows": ROW_INDEX, "columns": COL_INDEX}
@@ -52,6 +59,12 @@ class Delta:
     lora_A: Optional[torch.Tensor] = None
     lora_B: Optional[torch.Tensor] = None
     scaling: float = 1.0
+    sparse_scale: float = 1.0
+    frozen_slots: Optional[torch.Tensor] = None
+    frozen_values: Optional[torch.Tensor] = None
+    # (start, stop) when row_index / col_index is one contiguous range: the ops slice instead of gathering
+    row_span: Optional[tuple[int, int]] = None
+    col_span: Optional[tuple[int, int]] = None
     # called with the gradient of the unstructured part's output during backward (see ops.SparseLinear)
     probe: Optional[object] = None
 
@@ -59,20 +72,34 @@ class Delta:
     def is_empty(self) -> bool:
         return self.values is None and self.row_block is None and self.col_block is None and self.lora_A is None
 
+    def effective_values(self) -> Optional[torch.Tensor]:
+        """The unstructured values as used: frozen slots overwritten (no gradient reaches them), scaled."""
+        values = self.values
+        if values is None:
+            return None
+        if self.frozen_slots is not None and self.frozen_slots.numel():
+            values = values.index_put((self.frozen_slots.long(),), self.frozen_values.to(values.dtype))
+        return values if self.sparse_scale == 1.0 else values * self.sparse_scale
+
+    def _scaled(self, block: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return block if block is None or self.sparse_scale == 1.0 else block * self.sparse_scale
+
     def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.split_flat(self.indices, self.in_features)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
         y = None
-        if self.values is not None:
-            y = ops.sparse_linear(x, self.values, self.indices, self.out_features, self.probe)
+        if self.values is not None and self.values.numel():
+            y = ops.sparse_linear(x, self.effective_values(), self.indices, self.out_features, self.probe)
         if self.row_block is not None:
-            y = _add(y, ops.row_linear(x, self.row_block, self.row_index, self.out_features))
+            y = _add(y, ops.row_linear(x, self._scaled(self.row_block), self.row_index, self.out_features, self.row_span))
         if self.col_block is not None:
-            y = _add(y, ops.column_linear(x, self.col_block, self.col_index))
+            y = _add(y, ops.column_linear(x, self._scaled(self.col_block), self.col_index, self.col_span))
         if self.lora_A is not None:
             y = _add(y, ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling))
+        if y is None:  # an empty support (a threshold no entry of this layer passes)
+            y = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.values.dtype)
         return y
 
     def add_to(self, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
@@ -83,11 +110,11 @@ class Delta:
         """
         dtype = weight.dtype
         if self.values is not None:
-            weight.index_put_(self.rows_cols(), (sign * self.values).to(dtype), accumulate=True)
+            weight.index_put_(self.rows_cols(), (sign * self.effective_values()).to(dtype), accumulate=True)
         if self.row_block is not None:
-            weight.index_add_(0, self.row_index, (sign * self.row_block).to(dtype))
+            weight.index_add_(0, self.row_index, (sign * self._scaled(self.row_block)).to(dtype))
         if self.col_block is not None:
-            weight.index_add_(1, self.col_index, (sign * self.col_block).to(dtype))
+            weight.index_add_(1, self.col_index, (sign * self._scaled(self.col_block)).to(dtype))
         if self.lora_A is not None:
             weight.add_(((sign * self.scaling) * (self.lora_B @ self.lora_A)).to(dtype))
         return weight
@@ -135,7 +162,19 @@ def check_stored(name: str, tensors: dict[str, torch.Tensor], out_features: int,
             )
         if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
             fail(f"{key} is not sorted and unique; the file is corrupt")
-    for key in PARAMETER_NAMES:
+    if (FROZEN_SLOTS in tensors) != (FROZEN_VALUES in tensors) or (FROZEN_SLOTS in tensors and VALUES not in tensors):
+        fail(f"{FROZEN_SLOTS} and {FROZEN_VALUES} must be stored together, with {VALUES}")
+    if FROZEN_SLOTS in tensors:
+        slots, n = tensors[FROZEN_SLOTS], tensors[VALUES].numel()
+        if slots.dtype not in (torch.int32, torch.int64) or slots.dim() != 1:
+            fail(f"{FROZEN_SLOTS} must be a 1-D int32 or int64 tensor")
+        if slots.numel() and (int(slots.min()) < 0 or int(slots.max()) >= n):
+            fail(f"{FROZEN_SLOTS} holds slots outside [0, {n}); the file is corrupt")
+        if slots.numel() > 1 and not bool((slots[1:] > slots[:-1]).all()):
+            fail(f"{FROZEN_SLOTS} is not sorted and unique; the file is corrupt")
+        if tuple(tensors[FROZEN_VALUES].shape) != (slots.numel(),):
+            fail(f"{FROZEN_VALUES} has shape {tuple(tensors[FROZEN_VALUES].shape)}, not ({slots.numel()},)")
+    for key in (*PARAMETER_NAMES, FROZEN_VALUES):
         if key in tensors and not tensors[key].dtype.is_floating_point:
             fail(f"{key} has dtype {tensors[key].dtype}; values must be floating point")
         if key in tensors and not bool(torch.isfinite(tensors[key]).all()):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .delta import INDEX_NAMES, PARAMETER_NAMES, check_stored
+from .delta import FROZEN_NAMES, INDEX_NAMES, INDICES, PARAMETER_NAMES, check_stored
 
 
-KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES)
+KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES) | set(FROZEN_NAMES)
 
 
 def _split(state_dict, layer_names, prefix):
@@ -34,7 +34,24 @@ def _split(state_dict, layer_names, prefix):
     return per_layer, unexpected
 
 
-def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix: str) -> None:
+def add_optional_buffers(model: nn.Module, adapter_name: str, state_dict: dict, prefix: str) -> None:
+    """Empty placeholders for the frozen-slot buffers a file holds and a fresh layer lacks (SaRA after
+    its progressive step); `check_and_fit` validates them and gives them their shapes."""
+    from .layer import SparseLayer
+
+    modules = dict(model.named_modules())
+    for key in state_dict:
+        layer_name, _, rest = key.rpartition(f".{prefix}")
+        attr = prefix + rest.split(".")[0]
+        layer = modules.get(layer_name)
+        if attr in FROZEN_NAMES and isinstance(layer, SparseLayer) and adapter_name in layer.sparse_values:
+            store = getattr(layer, attr)
+            if adapter_name not in store:
+                dtype = torch.int32 if attr == FROZEN_NAMES[0] else layer.sparse_values[adapter_name].dtype
+                store[adapter_name] = torch.zeros(0, dtype=dtype, device=layer.sparse_values[adapter_name].device)
+
+
+def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix: str, config=None) -> None:
     """Validate an adapter's state dict (keys as the model names them) and size the layers to it.
 
     Raises ValueError naming the first problem; the model is not modified in that case.
@@ -56,14 +73,19 @@ def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix:
         shown = ", ".join(missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ValueError(f"adapter file has no tensors for {len(missing)} adapted layer(s) ({shown}); {where}")
 
+    # indices a config regenerates from its seed are not in the file (SLTrain); frozen slots may be (SaRA)
+    regenerated = {INDICES} if config is not None and getattr(config, "store_indices", True) is False else set()
     for name, layer in layers.items():
         tensors = per_layer[name]
-        expected = {attr for attr in KNOWN if adapter_name in getattr(layer, attr)}
+        expected = {attr for attr in KNOWN if adapter_name in getattr(layer, attr)} - regenerated
         if set(tensors) != expected:
             raise ValueError(
                 f"{name}: the adapter file holds {sorted(tensors)} but its config asks for {sorted(expected)}; {where}"
             )
-        check_stored(name, tensors, *layer.delta_shape)
+        stored = dict(tensors)
+        for attr in regenerated:
+            stored[attr] = getattr(layer, attr)[adapter_name]
+        check_stored(name, stored, *layer.delta_shape)
 
     # Every check passed: give each layer the shapes in the file, so load_state_dict can fill them.
     for name, layer in layers.items():
@@ -73,7 +95,7 @@ def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix:
             current = store[adapter_name]
             if current.shape == tensor.shape:
                 continue
-            if attr in INDEX_NAMES:
+            if attr in INDEX_NAMES or attr in FROZEN_NAMES:
                 store[adapter_name] = torch.empty(tensor.shape, dtype=current.dtype, device=current.device)
             else:
                 store[adapter_name] = nn.Parameter(
@@ -108,6 +130,18 @@ def model_card_section(peft_model) -> str:
             + (f", regrowth every {config.reselection_steps} steps ({config.regrowth})" if config.reselection_steps else ""),
             f"  - {len(layers)} adapted layers, {trainable:,} trainable parameters",
         ]
+        extras = [
+            f"entries with |w| < {config.threshold:g}" if getattr(config, "threshold", None) is not None else "",
+            f"nuclear-norm penalty λ={config.nuclear_norm_weight:g}" if getattr(config, "nuclear_norm_weight", 0) else "",
+            f"progressive step at {config.progressive_step:g}" if getattr(config, "progressive_step", None) else "",
+            f"GGPO perturbation σ={config.perturbation_sigma:g}, β={config.perturbation_beta:g}"
+            if getattr(config, "perturbation", "none") == "ggpo" else "",
+            "support regenerated from the seed (no indices stored)" if getattr(config, "store_indices", True) is False else "",
+        ]
+        if any(extras):
+            lines.append("  - " + "; ".join(e for e in extras if e))
+        if method:
+            lines.append(f"  - please cite the method's paper: {method.paper}")
     base = getattr(getattr(peft_model, "peft_config", {}).get(peft_model.active_adapter), "base_model_name_or_path", None)
     lines += [
         "",

@@ -15,6 +15,9 @@ from .config import SparseConfig
 from .delta import (
     COL_BLOCK,
     COL_INDEX,
+    FROZEN_NAMES,
+    FROZEN_SLOTS,
+    FROZEN_VALUES,
     INDEX_NAMES,
     INDEX_OF_STRUCTURE,
     INDICES,
@@ -27,7 +30,7 @@ from .delta import (
     Delta,
     index_dtype,
 )
-from .selection import NeedsCalibration, module_seed, select
+from .selection import NeedsCalibration, below_threshold, module_seed, select
 
 
 class SparseLayer(BaseTunerLayer):
@@ -42,17 +45,24 @@ class SparseLayer(BaseTunerLayer):
     adapter_layer_names = PARAMETER_NAMES
     # other per-adapter state: int32 indices (never cast to float, never trained), the low-rank scale,
     # and the gradient probe a regrowth schedule may attach for a few steps (never saved)
-    other_param_names = (*INDEX_NAMES, "sparse_scaling", "sparse_probe", "sparse_uncalibrated")
+    # and SaRA's frozen slots with their values (buffers, saved); the scale of the sparse part (DSEE)
+    other_param_names = (
+        *INDEX_NAMES, *FROZEN_NAMES, "sparse_scaling", "sparse_part_scale", "sparse_probe", "sparse_uncalibrated",
+        "sparse_noise",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
         for name in PARAMETER_NAMES:
             setattr(self, name, nn.ParameterDict())
-        for name in INDEX_NAMES:
+        for name in (*INDEX_NAMES, *FROZEN_NAMES):
             setattr(self, name, BufferDict(persistent=True))
         self.sparse_scaling: dict[str, float] = {}
+        self.sparse_part_scale: dict[str, float] = {}
+        # LoRA-GGPO: (row std, seed) of the noise on the base weight in training forwards, set by the schedule
+        self.sparse_noise: dict[str, tuple[torch.Tensor, int]] = {}
         self.sparse_probe: dict[str, Any] = {}
-        # adapters whose support waits for calibration data (activation rules): they must not train yet
+        # adapters whose support waits for calibration data (activation or gradient rules): they must not train yet
         self.sparse_uncalibrated: dict[str, bool] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -103,14 +113,28 @@ class SparseLayer(BaseTunerLayer):
         if structure != "none":
             k = config.budget(structure, out_features, in_features, module_key, group)
             exclude = self._taken_by(config.disjoint_from or [], structure)
-            try:
-                support = select(
-                    config.selection, structure, k, (out_features, in_features), seed, self._base_weight_2d, group, exclude
-                )
-            except NeedsCalibration:
-                # a placeholder of the right size until `sparse_peft.calibrate` chooses from activations
-                support = select("random", structure, k, (out_features, in_features), seed, None, group, exclude)
-                self.sparse_uncalibrated[adapter_name] = True
+            if config.threshold is not None:
+                # SaRA: every entry below an absolute threshold, however many that is on this layer
+                support = below_threshold(self._base_weight_2d(), config.threshold)
+                if exclude is not None:
+                    support = support[~torch.isin(support, exclude.to(support.device))]
+                k = support.numel()
+            elif not config.store_indices:
+                # SLTrain: a support that files do not store, regenerated from the seed on any machine
+                from .prng import seed_for, seeded_subset
+
+                support = seeded_subset(out_features * in_features, k, seed_for(config.seed, module_key))
+            else:
+                try:
+                    support = select(
+                        config.selection, structure, k, (out_features, in_features), seed, self._base_weight_2d, group,
+                        exclude, residual_rank=config.residual_rank,
+                    )
+                except NeedsCalibration:
+                    # a placeholder of the right size until `sparse_peft.calibrate` chooses from activations
+                    support = select("random", structure, k, (out_features, in_features), seed, None, group, exclude)
+                    self.sparse_uncalibrated[adapter_name] = True
+            self.sparse_part_scale[adapter_name] = config.scaling if config.scale_sparse and config.r else 1.0
             if structure == "unstructured":
                 self._store(adapter_name, VALUES, (k,), INDICES, support, out_features * in_features)
             elif structure == "rows":
@@ -126,19 +150,41 @@ class SparseLayer(BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     @torch.no_grad()
-    def calibrate_support(self, adapter_name: str, config: SparseConfig, module_key: str, activation, group: int = 1) -> None:
-        """Choose this adapter's support again, from the norms of the layer's input features on data.
+    def calibrate_support(
+        self,
+        adapter_name: str,
+        config: SparseConfig,
+        module_key: str,
+        calibration: Optional[torch.Tensor] = None,
+        group: int = 1,
+        support: Optional[torch.Tensor] = None,
+    ) -> None:
+        """Choose this adapter's support again: from `calibration` (one value per input feature, from
+        data; see calibration.py) at the same size, or take `support` as given (chosen over all layers,
+        or coupled to another layer's), whose size may differ.
 
-        Same size as before; the trained values start again from their initial state.
+        The trained values start again from their initial state; a new size means new parameter
+        tensors, so choose supports before creating the optimizer.
         """
         out_features, in_features = self.delta_shape
-        indices = getattr(self, INDEX_OF_STRUCTURE[config.structure])[adapter_name]
+        index_key = INDEX_OF_STRUCTURE[config.structure]
+        indices = getattr(self, index_key)[adapter_name]
         seed = module_seed(config.seed, module_key)
-        exclude = self._taken_by(config.disjoint_from or [], config.structure)
-        support = select(
-            config.selection, config.structure, indices.numel(), (out_features, in_features), seed,
-            self._base_weight_2d, group, exclude, activation,
-        )
+        if support is None:
+            exclude = self._taken_by(config.disjoint_from or [], config.structure)
+            support = select(
+                config.selection, config.structure, indices.numel(), (out_features, in_features), seed,
+                self._base_weight_2d, group, exclude, calibration,
+            )
+        if support.numel() != indices.numel():
+            block_key = {INDICES: VALUES, ROW_INDEX: ROW_BLOCK, COL_INDEX: COL_BLOCK}[index_key]
+            old = getattr(self, block_key)[adapter_name]
+            s = support.numel()
+            shape = {VALUES: (s,), ROW_BLOCK: (s, in_features), COL_BLOCK: (out_features, s)}[block_key]
+            new = nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad)
+            getattr(self, block_key)[adapter_name] = new
+            indices = indices.new_empty(support.shape)
+            getattr(self, index_key)[adapter_name] = indices
         indices.copy_(support.to(indices.dtype))
         self.reset_parameters(adapter_name, config.init_weights, seed)
         self.sparse_uncalibrated.pop(adapter_name, None)
@@ -193,9 +239,28 @@ class SparseLayer(BaseTunerLayer):
             lora_A=get(LORA_A),
             lora_B=get(LORA_B),
             scaling=self.sparse_scaling.get(adapter_name, 1.0),
+            sparse_scale=self.sparse_part_scale.get(adapter_name, 1.0),
+            frozen_slots=get(FROZEN_SLOTS),
+            frozen_values=get(FROZEN_VALUES),
+            row_span=self._span(get(ROW_INDEX)),
+            col_span=self._span(get(COL_INDEX)),
             probe=self.sparse_probe.get(adapter_name),
         )
         return None if delta.is_empty else delta
+
+    def _span(self, indices: Optional[torch.Tensor]) -> Optional[tuple[int, int]]:
+        """Whether a row/column index buffer is one contiguous range, cached until the buffer changes
+        (in-place writes bump its version), so the check syncs with the device once, not every forward."""
+        if indices is None:
+            return None
+        cache = self.__dict__.setdefault("_sparse_spans", {})
+        hit = cache.get(id(indices))
+        # the entry holds the tensor itself, so its id cannot be reused by another tensor while cached
+        if hit is None or hit[0] is not indices or hit[1] != indices._version:
+            if len(cache) > 16:
+                cache.clear()
+            hit = cache[id(indices)] = (indices, indices._version, ops.contiguous_span(indices))
+        return hit[2]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW as a dense tensor in the base weight's layout (for inspection and LoRA conversion)."""
@@ -250,15 +315,19 @@ class SparseLayer(BaseTunerLayer):
             pending = [name for name in self.active_adapters if name in self.sparse_uncalibrated]
             if pending:
                 raise RuntimeError(
-                    f"adapter {pending[0]!r} chooses its support from activations: run "
+                    f"adapter {pending[0]!r} chooses its support from calibration data: run "
                     "sparse_peft.calibrate(model, batches) on some training batches before training"
                 )
         deltas = [d for d in (self.get_delta(name) for name in self.active_adapters) if d is not None]
-        if len(deltas) == 1 and not args and not kwargs:
+        noise = self._noise() if self.sparse_noise and self.training else None
+        if len(deltas) == 1 and not args and not kwargs and noise is None:
             fused = self._fused_forward(x, deltas[0])
             if fused is not None:
                 return fused
-        result = self.base_layer(x, *args, **kwargs)
+        if noise is not None:
+            result = self._perturbed_base_forward(x, *noise)
+        else:
+            result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for delta in deltas:
@@ -268,6 +337,19 @@ class SparseLayer(BaseTunerLayer):
     def _fused_forward(self, x: torch.Tensor, delta: Delta) -> Optional[torch.Tensor]:
         """The whole layer in one op where that is exact and faster; None where it is not."""
         return None
+
+    def _noise(self) -> Optional[tuple[torch.Tensor, int]]:
+        return next((self.sparse_noise[name] for name in self.active_adapters if name in self.sparse_noise), None)
+
+    def check_perturbable(self) -> None:
+        """LoRA-GGPO perturbs the base weight inside the forward; only plain linear layers allow that."""
+        raise ValueError(f"perturbation='ggpo' supports nn.Linear and Conv1D layers, not {type(self.get_base_layer()).__name__}")
+
+    def _perturbed_base_forward(self, x: torch.Tensor, row_std: torch.Tensor, seed: int) -> torch.Tensor:
+        from .perturbation import perturbed_linear
+
+        base = self.get_base_layer()
+        return perturbed_linear(x, self._as_2d(base.weight), base.bias, row_std, seed)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True
@@ -301,6 +383,13 @@ class Linear(_Module):
     def _from_2d(self, weight2d):
         return weight2d.t() if self._transposed else weight2d
 
+    def check_perturbable(self) -> None:
+        if self.quantization_backend is not None:
+            raise ValueError(
+                f"perturbation='ggpo' needs the base weights in full precision; this layer is "
+                f"{self.quantization_backend.backend_name}-quantized. Use a non-quantized base or perturbation='none'."
+            )
+
     def _fused_forward(self, x, delta):
         # One GEMM against a scratch W + Δ (ops.MergedSparseLinear) instead of base GEMM + sparse
         # product: only for a plain, frozen nn.Linear with no hooks (the base layer's forward is
@@ -308,12 +397,14 @@ class Linear(_Module):
         base = self.get_base_layer()
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
-        if delta.values is None or any(t is not None for t in (delta.row_block, delta.col_block, delta.lora_A)):
+        if not (delta.values is not None and delta.values.numel()) or any(
+            t is not None for t in (delta.row_block, delta.col_block, delta.lora_A)
+        ):
             return None
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != delta.values.dtype:
             return None
-        return ops.merged_sparse_linear(x, weight, bias, delta.values, delta.indices, delta.probe)
+        return ops.merged_sparse_linear(x, weight, bias, delta.effective_values(), delta.indices, delta.probe)
 
 
 class Conv2d(_Module):

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import copy
+import re
+from typing import Optional
+
 import torch
 import torch.nn as nn
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _get_in_out_features
@@ -10,8 +14,10 @@ from transformers.pytorch_utils import Conv1D
 from . import architectures, hub
 from ._peft import PREFIX
 from .config import SparseConfig
+from .delta import INDICES
 from .layer import Conv2d, Linear, SparseLayer
 from .methods import METHODS
+from .selection import CALIBRATION_RULES, module_seed, select_global
 
 
 SUPPORTED = "nn.Linear, transformers' Conv1D, nn.Conv2d and bitsandbytes Linear8bitLt / Linear4bit"
@@ -62,6 +68,7 @@ class SparseModel(BaseTuner):
     def _create_and_replace(self, config, adapter_name, target, target_name, parent, current_key, **optional_kwargs):
         if config.num_trainable is not None:
             self._spread_budget(config)
+        config = self._layer_config(config, current_key)
         group = self._head_size(config, current_key)
         if isinstance(target, SparseLayer):
             target.update_layer(adapter_name, config, current_key, inference_mode=config.inference_mode, group=group)
@@ -82,8 +89,113 @@ class SparseModel(BaseTuner):
         method = METHODS.get(config.method)
         if config.target_modules is None and method is not None and method.target_roles:
             config.target_modules = set(architectures.role_targets(model_config, method.target_roles))
+        else:
+            config = super()._prepare_adapter_config(config, model_config)
+        if config.coupled_rows:
+            rows = architectures.row_pairs(model_config, config.coupled_rows)  # refuses roles the model lacks
+            if isinstance(config.target_modules, (set, list)):
+                # a regex or "all-linear" must match them itself; choose_supports checks every pair
+                config.target_modules = set(config.target_modules) | set(rows)
+        return config
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # supports that depend on several layers can only be chosen once every layer exists
+        self.choose_supports(adapter_name)
+
+    # -- supports chosen over several layers ------------------------------------------------------
+    def choose_supports(self, adapter_name: str, calibration: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Choose the supports that need more than one layer at a time.
+
+        - `calibration` ({module name: one value per input feature}, from `sparse_peft.calibrate`):
+          every layer's support is chosen again from it;
+        - allocation="global": the layers of one role are chosen together, from one pooled budget;
+        - coupled rows take the units chosen on their partner's columns.
+
+        Runs after injection and from `sparse_peft.calibrate`. Without calibration data, a rule that
+        needs it leaves its placeholders (and the coupled rows on them) to refuse training.
+        """
+        config = self.peft_config[adapter_name]
+        if config.structure == "none":
+            return
+        chosen, coupled = self._layers_of(adapter_name)
+        waiting = config.selection in CALIBRATION_RULES and calibration is None
+        if config.allocation == "global" and not waiting:
+            self._choose_globally(adapter_name, config, chosen, calibration)
+        elif calibration is not None:
+            for key, layer in chosen.items():
+                group = self._head_size(config, key)
+                layer.calibrate_support(adapter_name, config, key, calibration[key], group=group)
+        for key, (layer, partner, role) in coupled.items():
+            source = chosen.get(partner)
+            if source is None or adapter_name not in source.sparse_col_index:
+                raise ValueError(
+                    f"coupled_rows={config.coupled_rows} trains the rows of {key} at the units chosen on {partner}, "
+                    "which this adapter does not adapt with structure='columns': add it to target_modules"
+                )
+            columns = source.sparse_col_index[adapter_name].long()
+            if role == "value":
+                model_config = self.get_model_config(self.model)
+                head_size, share = architectures.head_dim(model_config), architectures.queries_per_kv(model_config)
+                rows = architectures.value_rows(columns, head_size, share)
+            else:  # FFN channel j: down's input column j is up's and gate's output row j
+                rows = columns
+            layer.calibrate_support(adapter_name, self._layer_config(config, key), key, support=rows)
+            if adapter_name in source.sparse_uncalibrated:
+                layer.sparse_uncalibrated[adapter_name] = True
+
+    def _layers_of(self, adapter_name: str) -> tuple[dict, dict]:
+        """The adapter's layers by module name: those that choose their support, and the coupled row
+        layers as {name: (layer, partner name, row role)}."""
+        config = self.peft_config[adapter_name]
+        chosen, coupled = {}, {}
+        for key, module in self.model.named_modules():
+            if isinstance(module, SparseLayer) and adapter_name in module._all_available_adapter_names():
+                partner = self._row_partner(config, key)
+                if partner is None:
+                    chosen[key] = module
+                else:
+                    coupled[key] = (module, *partner)
+        return chosen, coupled
+
+    def _choose_globally(self, adapter_name, config, layers: dict, calibration: Optional[dict]) -> None:
+        """allocation="global": one pool per role (a module name with its layer number left out)."""
+        pools: dict[tuple, list[str]] = {}
+        for key, layer in layers.items():
+            role = re.sub(r"\.\d+(?=\.|$)", ".*", key)  # model.layers.*.mlp.down_proj
+            pools.setdefault((role, layer.delta_shape, self._head_size(config, key)), []).append(key)
+        for (role, shape, group), keys in pools.items():
+            members = [layers[key] for key in keys]
+            # the total that uniform allocation would give these layers, spread by score instead
+            k = sum(config.budget(config.structure, *shape, key, group) for key in keys)
+            supports = select_global(
+                config.selection, config.structure, k, shape, module_seed(config.seed, role),
+                [m._base_weight_2d for m in members], group,
+                [m._taken_by(config.disjoint_from or [], config.structure) for m in members],
+                None if calibration is None else [calibration[key] for key in keys],
+            )
+            for key, layer, support in zip(keys, members, supports):
+                layer.calibrate_support(adapter_name, config, key, support=support)
+
+    def _row_partner(self, config, module_key: str) -> Optional[tuple[str, str]]:
+        """(partner module name, row role) when `coupled_rows` couples this module's rows, else None."""
+        if not config.coupled_rows:
+            return None
+        pairs = architectures.row_pairs(self.get_model_config(self.model), config.coupled_rows)
+        for suffix, (column_suffix, role) in pairs.items():
+            if module_key == suffix or module_key.endswith("." + suffix):
+                return module_key[: len(module_key) - len(suffix)] + column_suffix, role
+        return None
+
+    def _layer_config(self, config, module_key: str):
+        """The config as one layer sees it. A coupled row layer gets a plain row support: a placeholder
+        that `choose_supports` replaces by its partner's units once every layer exists."""
+        if self._row_partner(config, module_key) is None:
             return config
-        return super()._prepare_adapter_config(config, model_config)
+        rows = copy.copy(config)
+        rows.structure, rows.selection, rows.head_groups = "rows", "random", False
+        rows.allocation, rows.coupled_rows, rows.disjoint_from = "uniform", None, None
+        return rows
 
     def _head_size(self, config, module_key: str) -> int:
         """head_dim for the attention output projection when heads are the unit, else 1."""
@@ -101,6 +213,8 @@ class SparseModel(BaseTuner):
         for key, module in self.model.named_modules():
             base = module.get_base_layer() if isinstance(module, SparseLayer) else module
             if self._check_target_module_exists(config, key) and _layer_class(base) is not None:
+                if self._row_partner(config, key) is not None:
+                    continue  # coupled rows follow their partner's units: not part of the budget
                 if isinstance(base, nn.Conv2d):
                     total += base.weight.numel()
                 else:  # never weight.numel(): bitsandbytes packs 4-bit weights two to a byte
@@ -131,10 +245,19 @@ class SparseModel(BaseTuner):
             model.add_model_tags(["sparse_peft", f"sparse_peft:{config.method or 'custom'}"])
 
     @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        if getattr(config, "store_indices", True) is False:
+            # SLTrain: the support is regenerated from the seed at load time, so the file holds values only
+            state_dict = {k: v for k, v in state_dict.items() if f".{INDICES}." not in k and not k.endswith(f".{INDICES}")}
+        return state_dict
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        hub.add_optional_buffers(model, adapter_name, state_dict, cls.prefix)  # so that PEFT maps their keys too
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
-            hub.check_and_fit(model, adapter_name, state_dict, cls.prefix)
+            hub.check_and_fit(model, adapter_name, state_dict, cls.prefix, config)
         except ValueError:
             _discard_adapter(model, adapter_name)
             raise

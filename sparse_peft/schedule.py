@@ -185,7 +185,8 @@ def _find(model):
 
 
 class SparseScheduler:
-    """Drop-and-regrow for the unstructured supports of one adapter (SpIEL).
+    """What an adapter's method does between optimizer steps: SpIEL's drop-and-regrow, SaRA's
+    nuclear-norm subgradient and progressive freeze, LoRA-GGPO's noise refresh (see hooks.py).
 
     Args:
         model: the PEFT model (DDP / accelerate wrappers are looked through).
@@ -193,8 +194,15 @@ class SparseScheduler:
         total_steps: the number of optimizer steps of the run (the drop fraction decays to 0 there).
         adapter_name: defaults to the model's active adapter.
 
-    Call `step()` after every `optimizer.step()`, before the gradients are zeroed. It returns the
-    statistics of a reselection when one happened (for logging), else None.
+    In a hand-written loop:
+
+        loss.backward(); clip_grad_norm_(...)      # as usual
+        scheduler.before_optimizer_step()          # SaRA's penalty gradient, GGPO's next noise scale
+        optimizer.step()
+        scheduler.step()                           # regrowth, progressive freeze; before zero_grad
+        optimizer.zero_grad()
+
+    Both return statistics for logging (a dict) when there are any, else None.
     """
 
     def __init__(self, model, optimizer=None, total_steps: Optional[int] = None, adapter_name: Optional[str] = None):
@@ -206,14 +214,45 @@ class SparseScheduler:
         self.step_count = 0
         self.layers = {n: m for n, m in layers.items() if self.adapter in m.sparse_values}
         self.momentum: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if self.enabled:
+        self.regrowth = getattr(self.config, "reselection_steps", 0) > 0 and bool(self.layers)
+        if self.regrowth:
             if not total_steps or total_steps <= 0:
                 raise ValueError(f"the regrowth schedule needs the run's total number of optimizer steps (got {total_steps})")
             self._arm_probes()
+        self.hooks = self._build_hooks(layers)
+
+    def _build_hooks(self, layers) -> list:
+        from .hooks import NuclearNorm, Perturbation, Progressive
+
+        config, hooks = self.config, []
+        adapter_layers = {n: m for n, m in layers.items() if self.adapter in m._all_available_adapter_names()}
+        if getattr(config, "nuclear_norm_weight", 0):
+            hooks.append(NuclearNorm(adapter_layers, self.adapter, config.nuclear_norm_weight,
+                                     config.nuclear_norm_layers, config.nuclear_norm_rank))
+        if getattr(config, "progressive_step", None) is not None:
+            at = config.progressive_step
+            if isinstance(at, float) and at < 1:
+                if not self.total or self.total <= 0:
+                    raise ValueError("progressive_step as a fraction of the run needs the run's total number of "
+                                     f"optimizer steps (got {self.total}); or give progressive_step as a step number")
+                at = max(1, round(at * self.total))
+            hooks.append(Progressive(adapter_layers, self.adapter, int(at), config.threshold, self.optimizer))
+        if getattr(config, "perturbation", "none") == "ggpo":
+            hooks.append(Perturbation(adapter_layers, self.adapter, config.perturbation_sigma,
+                                      config.perturbation_beta, config.seed))
+        return hooks
 
     @property
     def enabled(self) -> bool:
-        return getattr(self.config, "reselection_steps", 0) > 0 and bool(self.layers)
+        return self.regrowth or bool(self.hooks)
+
+    def before_optimizer_step(self) -> Optional[dict]:
+        """Call after backward (and clipping), before `optimizer.step()`."""
+        stats = {}
+        for hook in self.hooks:
+            if hasattr(hook, "before_optimizer_step"):
+                stats.update(hook.before_optimizer_step())
+        return stats or None
 
     def _is_reselection(self, t: int) -> bool:
         a, r = self.config.accumulation_steps, self.config.reselection_steps
@@ -286,11 +325,17 @@ class SparseScheduler:
         if not self.enabled:
             return None
         self.step_count += 1
-        if self.config.regrowth == "momentum":
-            self._accumulate_momentum()
-        stats = self._reselect() if self._is_reselection(self.step_count) else None
-        self._arm_probes()
-        return stats
+        stats = {}
+        if self.regrowth:
+            if self.config.regrowth == "momentum":
+                self._accumulate_momentum()
+            if self._is_reselection(self.step_count):
+                stats.update(self._reselect())
+            self._arm_probes()
+        for hook in self.hooks:
+            if hasattr(hook, "after_optimizer_step"):
+                stats.update(hook.after_optimizer_step(self.step_count))
+        return stats or None
 
     @torch.no_grad()
     def _reselect(self) -> dict:

@@ -227,3 +227,22 @@ def test_group_selection_by_norm_with_exclusion():
     assert not set(rand.tolist()) & {0, 1} and rand.reshape(-1, 2)[:, 0].remainder(2).eq(0).all()
     with pytest.raises(ValueError, match="disjoint"):
         select("random", "columns", 8, (3, 8), 0, group=2, exclude=taken)
+
+
+@pytest.mark.parametrize("kind", ["rows", "columns"])
+def test_contiguous_span_fast_path_equals_the_gather_path(kind):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    idx = torch.arange(3, 7)
+    span = ops.contiguous_span(idx)
+    assert span == (3, 7) and ops.contiguous_span(torch.tensor([1, 2, 4])) is None
+    results = []
+    for s in (None, span):
+        block = (torch.randn(4, 12) if kind == "rows" else torch.randn(9, 4)).double().requires_grad_(True)
+        torch.manual_seed(1)
+        block.data.normal_()
+        y = ops.row_linear(x, block, idx, 9, s) if kind == "rows" else ops.column_linear(x, block, idx, s)
+        dx, db = torch.autograd.grad(y.pow(2).sum(), (x, block))
+        results.append((y, dx, db))
+    for a, b in zip(*results):
+        assert torch.allclose(a, b)

@@ -38,9 +38,8 @@ def test_config_round_trips_through_peft(tmp_path):
 
 
 def test_method_presets_fill_only_unset_fields():
-    with pytest.warns(UserWarning, match="incomplete"):
-        config = SparseConfig(method="dsee", r=4)
-    assert (config.r, config.structure, config.selection) == (4, "unstructured", "magnitude")
+    config = SparseConfig(method="dsee", r=4)
+    assert (config.r, config.structure, config.selection) == (4, "unstructured", "lowrank_residual")
     assert SparseConfig(method="lora_ggpo").structure == "none"
     assert SparseConfig().structure == "unstructured" and SparseConfig().r == 0
 
@@ -89,3 +88,13 @@ def test_loading_without_import_fails_with_the_known_key_error(tmp_path):
     code = f"import sparse_peft; from peft import PeftConfig; print(type(PeftConfig.from_pretrained({str(tmp_path)!r})).__name__)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "SparseConfig", result.stderr
+
+
+def test_an_incomplete_method_warns(monkeypatch):
+    import dataclasses
+
+    from sparse_peft.methods import METHODS
+
+    monkeypatch.setitem(METHODS, "dsee", dataclasses.replace(METHODS["dsee"], missing="the pruning"))
+    with pytest.warns(UserWarning, match="incomplete in this release: the pruning"):
+        SparseConfig(method="dsee")

@@ -7,6 +7,5 @@ METHOD = dict(
     defaults=dict(structure="columns", selection="random", density=0.05, r=0, head_groups=True),
     # the paper's finding: the budget is best spent on the output projections of attention and FFN
     target_roles=("attention_output", "ffn_down"),
-    missing="gradient-based selection, global allocation across layers, and the row side of value/up/gate "
-    "(issue #4)",
+    missing="",
 )

@@ -1,0 +1,218 @@
+"""SaRA: smallest-magnitude supports, the nuclear-norm penalty, the progressive step, Conv2d U-Nets."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import PeftModel, get_peft_model
+
+import sparse_peft
+from sparse_peft import SparseConfig, SparseLayer, SparseScheduler
+from sparse_peft.hooks import nuclear_subgradient
+
+from ..conftest import tiny_llama
+
+
+def _adapted(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, SparseLayer)}
+
+
+class TinyUNetBlock(nn.Module):
+    """The module layout of a diffusers U-Net block: convolutions and attention linears by their names."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.attn = nn.ModuleDict(
+            dict(to_q=nn.Linear(8, 8, bias=False), to_k=nn.Linear(8, 8, bias=False), to_v=nn.Linear(8, 8, bias=False),
+                 to_out=nn.ModuleList([nn.Linear(8, 8)]))
+        )
+        self.conv_out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        h = self.conv2(torch.relu(self.conv1(x)))
+        b, c, hh, ww = h.shape
+        t = h.flatten(2).transpose(1, 2)  # (b, tokens, c)
+        q, k, v = self.attn["to_q"](t), self.attn["to_k"](t), self.attn["to_v"](t)
+        a = torch.softmax(q @ k.transpose(1, 2) / c**0.5, dim=-1) @ v
+        t = t + self.attn["to_out"][0](a)
+        return self.conv_out(t.transpose(1, 2).reshape(b, c, hh, ww))
+
+
+UNET_TARGETS = ["conv1", "conv2", "to_q", "to_k", "to_v", "to_out.0", "conv_out"]
+
+
+def test_fraction_support_is_each_layers_smallest_weights():
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(method="sara", target_modules="all-linear"))
+    for name, layer in _adapted(model).items():
+        w = layer.get_base_layer().weight.detach().abs().reshape(-1)
+        k = layer.sparse_values["default"].numel()
+        assert k == round(0.01 * w.numel())
+        expected = torch.topk(w, k, largest=False).indices.sort().values
+        assert torch.equal(layer.sparse_indices["default"].long(), expected)
+
+
+def test_absolute_threshold_takes_every_weight_below_it():
+    base = tiny_llama()
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(method="sara", threshold=2e-3, target_modules="all-linear"))
+    sizes = set()
+    for layer in _adapted(model).values():
+        w = layer.get_base_layer().weight.detach().abs().reshape(-1)
+        assert torch.equal(layer.sparse_indices["default"].long(), (w < 2e-3).nonzero().squeeze(1))
+        sizes.add(layer.sparse_values["default"].numel())
+    assert len(sizes) > 1  # the count follows each layer's weights
+    with pytest.raises(ValueError, match="small_magnitude"):
+        SparseConfig(method="sara", threshold=2e-3, selection="random")
+
+
+def test_nuclear_subgradient_is_the_gradient_of_the_nuclear_norm():
+    m = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    norm, sub = nuclear_subgradient(m.detach())
+    torch.linalg.matrix_norm(m, "nuc").backward()
+    assert norm == pytest.approx(float(torch.linalg.matrix_norm(m.detach(), "nuc")))
+    assert torch.allclose(sub, m.grad)
+    # at zero every direction is free: no push
+    assert torch.equal(nuclear_subgradient(torch.zeros(4, 3))[1], torch.zeros(4, 3))
+
+
+def _train(config, steps=12, batches=None, base=None, accumulation=1, extra_steps=0):
+    torch.manual_seed(0)
+    model = get_peft_model(base if base is not None else tiny_llama(), config)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.01)
+    scheduler = SparseScheduler(model, opt, total_steps=steps)
+    g = torch.Generator().manual_seed(1)
+    history = []
+    for t in range(steps + extra_steps):
+        for _ in range(accumulation):
+            x = torch.randint(0, 128, (4, 12), generator=g)
+            (model(x, labels=x).loss / accumulation).backward()
+        stats = scheduler.before_optimizer_step() or {}
+        opt.step()
+        stats.update(scheduler.step() or {})
+        opt.zero_grad()
+        history.append(stats)
+    return model, opt, history
+
+
+def _nuclear(model):
+    return sum(
+        float(torch.linalg.matrix_norm(layer.get_delta("default").dense().detach().double(), "nuc"))
+        for layer in _adapted(model).values()
+    )
+
+
+def test_nuclear_norm_penalty_lowers_the_updates_nuclear_norm():
+    common = dict(method="sara", target_modules="all-linear", density=0.05, progressive_step=None)
+    plain, _, _ = _train(SparseConfig(nuclear_norm_weight=0.0, **common))
+    penalised, _, history = _train(SparseConfig(nuclear_norm_weight=0.05, nuclear_norm_layers=14, **common))
+    assert "sparse/nuclear_norm" in history[-1]
+    assert _nuclear(penalised) < 0.9 * _nuclear(plain)
+    # the randomized-SVD variant still penalises
+    lowrank, _, _ = _train(SparseConfig(nuclear_norm_weight=0.05, nuclear_norm_layers=14, nuclear_norm_rank=2, **common))
+    assert _nuclear(lowrank) < _nuclear(plain)
+
+
+def test_progressive_step_freezes_entries_above_the_threshold_at_their_values():
+    config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=4)
+    model, opt, history = _train(config, steps=5)
+    assert "sparse/progressive_kept" in history[3] and 0 < history[3]["sparse/progressive_kept"] < 1
+    for layer in _adapted(model).values():
+        slots = layer.sparse_frozen_slots["default"].long()
+        values = layer.sparse_values["default"]
+        assert bool((values.detach()[slots] == 0).all())  # the trainable slots of frozen entries stay empty
+        state = opt.state[values]
+        assert bool((state["exp_avg"][slots] == 0).all())
+        # the layer's threshold is the largest |w| the selection took; frozen entries are at or above it
+        rows, cols = layer.get_delta("default").rows_cols()
+        w0 = layer.get_base_layer().weight.detach()[rows, cols]
+        limit = w0.abs().max()
+        frozen_w = w0[slots] + layer.sparse_frozen_values["default"]
+        assert bool((frozen_w.abs() >= limit).all())
+
+
+def test_frozen_entries_keep_their_values_while_the_rest_trains():
+    config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=3)
+    model, opt, _ = _train(config, steps=3)
+    layers = _adapted(model)
+    frozen = {n: m.sparse_frozen_values["default"].clone() for n, m in layers.items()}
+    effective = {n: m.get_delta("default").effective_values().detach().clone() for n, m in layers.items()}
+    x = torch.randint(0, 128, (4, 12))
+    for _ in range(3):  # AdamW with weight decay, momentum still warm from before the freeze
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    moved = 0
+    for name, layer in layers.items():
+        slots = layer.sparse_frozen_slots["default"].long()
+        now = layer.get_delta("default").effective_values().detach()
+        assert torch.equal(now[slots], frozen[name]) and torch.equal(now[slots], effective[name][slots])
+        free = torch.ones(now.numel(), dtype=torch.bool)
+        free[slots] = False
+        moved += int((now[free] != effective[name][free]).sum())
+    assert moved > 0
+
+
+def test_progressive_adapter_saves_and_reloads_with_its_frozen_entries():
+    config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=2)
+    model, _, _ = _train(config, steps=4)
+    model.eval()
+    x = torch.randint(0, 128, (2, 9))
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(folder)
+        loaded = PeftModel.from_pretrained(tiny_llama(), folder)
+        assert torch.equal(loaded(x).logits, model(x).logits)
+        merged = loaded.merge_and_unload()
+        assert torch.allclose(merged(x).logits, model(x).logits, atol=1e-5)
+
+
+def test_gradient_accumulation_works():
+    config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=2)
+    model, _, history = _train(config, steps=3, accumulation=3)
+    assert "sparse/progressive_kept" in history[1]
+
+
+def test_unet_conv_and_attention_layers_train_with_the_penalty_and_progressive_step():
+    torch.manual_seed(0)
+    base = TinyUNetBlock()
+    config = SparseConfig(method="sara", target_modules=UNET_TARGETS, density=0.1, nuclear_norm_layers=7, progressive_step=3)
+    model = get_peft_model(copy.deepcopy(base), config)
+    assert {type(m).__name__ for m in _adapted(model).values()} == {"Conv2d", "Linear"}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    scheduler = SparseScheduler(model, opt, total_steps=6)
+    x, target = torch.randn(2, 4, 6, 6), torch.randn(2, 4, 6, 6)
+    losses = []
+    for _ in range(6):
+        loss = (model(x) - target).pow(2).mean()
+        loss.backward()
+        stats = scheduler.before_optimizer_step()
+        assert stats["sparse/nuclear_norm"] >= 0
+        opt.step()
+        scheduler.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    conv = _adapted(model)["base_model.model.conv1"]
+    assert "default" in conv.sparse_frozen_slots
+    # merged conv weight = W + ΔW, checked against the layer's own output
+    model.eval()
+    expected = model(x)
+    merged = model.merge_and_unload()
+    assert torch.allclose(merged(x), expected, atol=1e-5)
+
+
+def test_sara_config_checks():
+    with pytest.raises(ValueError, match="progressive_step"):
+        SparseConfig(method="sara", progressive_step=-1)
+    with pytest.raises(ValueError, match="reselection_steps"):
+        SparseConfig(method="sara", reselection_steps=10)
+    with pytest.raises(ValueError, match="nuclear_norm_weight"):
+        SparseConfig(method="sara", nuclear_norm_weight=-1.0)
+    model = get_peft_model(tiny_llama(), SparseConfig(method="sara", target_modules="all-linear"))
+    with pytest.raises(ValueError, match="total number of optimizer steps"):
+        SparseScheduler(model, None, total_steps=None)
