@@ -96,6 +96,26 @@ class SparseConfig(PeftConfig):
         regrowth (`str`, *optional*, defaults to `"gradient"`):
             Where new entries grow: "gradient" (largest accumulated gradient) or "momentum"
             (largest SM3-style row × column accumulator, O(rows + cols) memory).
+        threshold (`float`, *optional*):
+            SaRA: train every entry with |w| below this absolute value instead of a fraction.
+        residual_rank (`int`, *optional*, defaults to `8`):
+            DSEE: rank of the low-rank fit whose residual "lowrank_residual" scores.
+        scale_sparse (`bool`, *optional*, defaults to `False`):
+            Scale the sparse part by lora_alpha / r too (DSEE).
+        nuclear_norm_weight (`float`, *optional*, defaults to `0`):
+            SaRA: λ of a nuclear-norm penalty on the sparse update, added into its gradients.
+        nuclear_norm_layers (`int`, *optional*, defaults to `1`):
+            Layers penalised per optimizer step, in turn.
+        nuclear_norm_rank (`int`, *optional*):
+            Randomized-SVD rank for the penalty's subgradient; None for a full SVD.
+        progressive_step (`int` or `float`, *optional*):
+            SaRA: at this step (or fraction of the run) freeze the entries no longer below the threshold.
+        perturbation (`str`, *optional*, defaults to `"none"`):
+            "ggpo" for LoRA-GGPO's gradient-guided weight noise in training forwards.
+        perturbation_sigma (`float`, *optional*, defaults to `0.03`), perturbation_beta (`float`, *optional*, defaults to `0.01`):
+            LoRA-GGPO's σ and β.
+        store_indices (`bool`, *optional*, defaults to `True`):
+            False (SLTrain): the random support is regenerated from the seed and not saved.
         seed (`int`, defaults to `0`):
             Seed of the random supports; each module derives its own from it and its name.
         init_weights (`bool`, defaults to `True`):

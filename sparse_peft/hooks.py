@@ -10,8 +10,9 @@
   steps' forwards, from the weight norms and this step's gradients (paper Eq. 6-8).
 
 Each hook takes the scheduler's (layer name -> layer) map and adapter name, and returns its
-statistics for the trainer's logs. A hook has `before_optimizer_step()` (gradients are complete and
-clipped) and/or `after_optimizer_step(t)` (t counts optimizer steps from 1).
+statistics for the trainer's logs. A hook has `before_optimizer_step(t)` (gradients are complete
+and clipped) and/or `after_optimizer_step(t)`, t counting optimizer steps from 1. Hooks keep no
+state of their own that t cannot give back, so a run resumed from a checkpoint continues exactly.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ class NuclearNorm:
     def __init__(self, layers: dict, adapter: str, weight: float, per_step: int, rank: Optional[int]):
         self.layers = {n: m for n, m in layers.items() if _sparse_part(m, adapter) is not None}
         self.adapter, self.weight, self.per_step, self.rank = adapter, weight, per_step, rank
-        self.turn = 0  # layers take turns, so every one is penalised equally often
 
     @torch.no_grad()
-    def before_optimizer_step(self) -> dict:
+    def before_optimizer_step(self, t: int) -> dict:
         names = list(self.layers)
         if not names:
             return {}
-        chosen = [names[(self.turn + i) % len(names)] for i in range(min(self.per_step, len(names)))]
-        self.turn = (self.turn + len(chosen)) % len(names)
+        # layers take turns, so every one is penalised equally often
+        per_step = min(self.per_step, len(names))
+        chosen = [names[((t - 1) * per_step + i) % len(names)] for i in range(per_step)]
         total = 0.0
         for name in chosen:
             delta = _sparse_part(self.layers[name], self.adapter)
@@ -153,18 +154,17 @@ class Perturbation:
 
         self.layers = {n: m for n, m in layers.items() if adapter in m.sparse_lora_A}
         self.adapter, self.sigma, self.beta, self.seed = adapter, sigma, beta, seed
-        self.count = 0
         self.w0_row_sq = {}
         for name, layer in self.layers.items():
             layer.check_perturbable()
             self.w0_row_sq[name] = perturbation.row_sq_norms(layer._base_weight_2d())
-        self._refresh(with_grads=False)
+        self._refresh(1, with_grads=False)
 
     @torch.no_grad()
-    def _refresh(self, with_grads: bool) -> float:
+    def _refresh(self, t: int, with_grads: bool) -> float:
+        """The noise of optimizer step t: its scale, and a seed of its own."""
         from .perturbation import ggpo_row_std
 
-        self.count += 1
         mean_std = 0.0
         for i, (name, layer) in enumerate(self.layers.items()):
             a, b = layer.sparse_lora_A[self.adapter], layer.sparse_lora_B[self.adapter]
@@ -174,13 +174,14 @@ class Perturbation:
             )
             # a fresh noise seed per step and layer; fixed within the step, so gradient checkpointing's
             # recomputed forward and the backward redraw exactly the same noise
-            seed = zlib.crc32(f"{self.seed}/{self.count}/{name}".encode())
+            seed = zlib.crc32(f"{self.seed}/{t}/{name}".encode())
             layer.sparse_noise[self.adapter] = (std, seed)
             mean_std += float(std.mean())
         return mean_std / max(len(self.layers), 1)
 
-    def before_optimizer_step(self) -> dict:
-        return {"sparse/perturbation_std": self._refresh(with_grads=True)}
+    def before_optimizer_step(self, t: int) -> dict:
+        # the gradients of step t set the noise of step t + 1's forwards
+        return {"sparse/perturbation_std": self._refresh(t + 1, with_grads=True)}
 
     def remove(self) -> None:
         for layer in self.layers.values():

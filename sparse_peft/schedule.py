@@ -251,7 +251,7 @@ class SparseScheduler:
         stats = {}
         for hook in self.hooks:
             if hasattr(hook, "before_optimizer_step"):
-                stats.update(hook.before_optimizer_step())
+                stats.update(hook.before_optimizer_step(self.step_count + 1))
         return stats or None
 
     def _is_reselection(self, t: int) -> bool:
