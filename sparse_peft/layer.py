@@ -391,20 +391,25 @@ class Linear(_Module):
             )
 
     def _fused_forward(self, x, delta):
-        # One GEMM against a scratch W + Δ (ops.MergedSparseLinear) instead of base GEMM + sparse
+        # One GEMM against a scratch W + S (ops.MergedSparseLinear) instead of base GEMM + sparse
         # product: only for a plain, frozen nn.Linear with no hooks (the base layer's forward is
-        # skipped), an unstructured-only Δ, and values of the weight's dtype (no rounding of Δ).
+        # skipped), an unstructured Δ (plus, for DSEE and SLTrain, a low-rank part, folded into the
+        # same scratch weight), and trainable tensors of the weight's dtype (no rounding of Δ).
         base = self.get_base_layer()
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
         if not (delta.values is not None and delta.values.numel()) or any(
-            t is not None for t in (delta.row_block, delta.col_block, delta.lora_A)
+            t is not None for t in (delta.row_block, delta.col_block)
         ):
             return None
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != delta.values.dtype:
             return None
-        return ops.merged_sparse_linear(x, weight, bias, delta.effective_values(), delta.indices, delta.probe)
+        if delta.lora_A is not None and delta.lora_A.dtype != weight.dtype:
+            return None
+        return ops.merged_sparse_linear(
+            x, weight, bias, delta.effective_values(), delta.indices, delta.probe, delta.lora_A, delta.lora_B, delta.scaling
+        )
 
 
 class Conv2d(_Module):

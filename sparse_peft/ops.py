@@ -165,44 +165,73 @@ class SparseLinear(Function):
 
 
 class MergedSparseLinear(Function):
-    """The whole layer, x (W + Δ)ᵀ + b, for a frozen dense W and an unstructured Δ, in one GEMM.
+    """The whole layer, x (W + Δ)ᵀ + b, for a frozen dense W and an unstructured Δ (optionally plus
+    a low-rank scaling·B·A, as DSEE and SLTrain have), in one GEMM per pass.
 
     The sparse update alone costs a second product per pass (`SparseLinear`); folding Δ into a
     scratch copy of W costs a copy instead, which is cheaper whenever the GEMM dominates. The
     copy is built in forward and again in backward, never kept: what is saved is x (for the
-    gradient at the support) and references to W, b, values and indices. W and b get no gradient.
+    gradient at the support) and references to W, b, values, indices, A and B. W and b get no
+    gradient. With a low-rank part, backward forms the weight gradient G = dyᵀx one block of rows
+    at a time and reads all three gradients off it (values: G at the support; B: G·Aᵀ; A: Bᵀ·G),
+    so the low-rank part costs r·out·in, not extra passes over the tokens.
     W and values must share a dtype, so that no small delta is rounded away in the copy.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, probe=None):
-        w = _merged(weight, values, indices)
+    def forward(ctx, x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):
+        w = _merged(weight, values, indices, lora_a, lora_b, scaling)
         y = torch.nn.functional.linear(x, w, bias)
-        keep_x = ctx.needs_input_grad[3] or probe is not None
-        ctx.save_for_backward(x if keep_x else None, weight, values, indices)
+        keep_x = ctx.needs_input_grad[3] or probe is not None or (lora_a is not None and any(ctx.needs_input_grad[6:8]))
+        ctx.save_for_backward(x if keep_x else None, weight, values, indices, lora_a, lora_b)
         ctx.x_meta = (x.shape, x.dtype)
-        ctx.probe = probe
+        ctx.probe, ctx.scaling = probe, scaling
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, values, indices = ctx.saved_tensors
+        x, weight, values, indices, lora_a, lora_b = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
         dy2 = _rows2d(dy)
-        dx = dvalues = None
+        dx = dvalues = da = db = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2.to(weight.dtype) @ _merged(weight, values, indices)).reshape(x_shape).to(x_dtype)
-        if ctx.needs_input_grad[3]:
+            merged = _merged(weight, values, indices, lora_a, lora_b, ctx.scaling)
+            dx = (dy2.to(weight.dtype) @ merged).reshape(x_shape).to(x_dtype)
+        if lora_a is not None and any(ctx.needs_input_grad[6:8]):
+            dvalues, da, db = _grads_from_blocks(dy2.to(values.dtype), _rows2d(x), indices, lora_a, lora_b, ctx.scaling)
+        elif ctx.needs_input_grad[3]:
             dvalues = grad_at(dy2.to(values.dtype), _rows2d(x), indices, values.dtype)
         if ctx.probe is not None:
             ctx.probe(dy2.to(values.dtype), _rows2d(x))
-        return dx, None, None, dvalues, None, None
+        return dx, None, None, dvalues, None, None, da, db, None
 
 
-def _merged(weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def _merged(weight, values, indices, lora_a=None, lora_b=None, scaling=1.0) -> torch.Tensor:
     merged = weight.detach().clone()
     merged.view(-1).index_put_((indices.long(),), values.detach(), accumulate=True)
+    if lora_a is not None:
+        merged.addmm_(lora_b.detach(), lora_a.detach(), alpha=scaling)
     return merged
+
+
+def _grads_from_blocks(dy, x, indices, lora_a, lora_b, scaling):
+    """Gradients of values (at the support), A and B from G = dyᵀx, built one block of rows at a time."""
+    out_features, in_features = dy.shape[1], x.shape[1]
+    x = x.to(dy.dtype)
+    step = max(1, _BLOCK_ELEMENTS // in_features)
+    starts = torch.arange(0, out_features + step, step, device=indices.device).clamp_(max=out_features)
+    bounds = torch.searchsorted(indices.long(), starts * in_features).tolist()
+    dvalues = torch.empty(indices.numel(), dtype=dy.dtype, device=dy.device)
+    da, db = torch.zeros_like(lora_a), torch.empty_like(lora_b)
+    for i, r0 in enumerate(range(0, out_features, step)):
+        r1 = min(r0 + step, out_features)
+        g = dy[:, r0:r1].t() @ x  # (rows × in), the weight gradient of these rows
+        a, b = bounds[i], bounds[i + 1]
+        if a < b:
+            dvalues[a:b] = g.view(-1)[indices[a:b].long() - r0 * in_features]
+        db[r0:r1] = (g @ lora_a.t()) * scaling
+        da.addmm_(lora_b[r0:r1].t(), g, alpha=scaling)
+    return dvalues, da, db
 
 
 class RowLinear(Function):
@@ -316,8 +345,8 @@ def sparse_linear(x, values, indices, out_features: int, probe=None) -> torch.Te
     return SparseLinear.apply(x, values, indices, out_features, probe)
 
 
-def merged_sparse_linear(x, weight, bias, values, indices, probe=None) -> torch.Tensor:
-    return MergedSparseLinear.apply(x, weight, bias, values, indices, probe)
+def merged_sparse_linear(x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):
+    return MergedSparseLinear.apply(x, weight, bias, values, indices, probe, lora_a, lora_b, scaling)
 
 
 def row_linear(x, block, rows, out_features: int, span=None) -> torch.Tensor:

@@ -211,6 +211,21 @@ def test_gradcheck_merged_layer(kernel_path):
     assert torch.allclose(ops.merged_sparse_linear(x, w, b, v, flat.int()), expected)
 
 
+def test_gradcheck_merged_layer_with_a_low_rank_part(monkeypatch):
+    # small row blocks, so that the blockwise weight gradient crosses block boundaries
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 2 * IN)
+    flat, _, _ = _support(9)
+    w, b = torch.randn(OUT, IN, dtype=D), torch.randn(OUT, dtype=D)
+    v = torch.randn(9, dtype=D, requires_grad=True)
+    a = torch.randn(3, IN, dtype=D, requires_grad=True)
+    bb = torch.randn(OUT, 3, dtype=D, requires_grad=True)
+    f = lambda x, v, a, bb: ops.merged_sparse_linear(x, w, b, v, flat.int(), None, a, bb, 0.5)  # noqa: E731
+    assert gradcheck(f, (_x(), v, a, bb))
+    x = _x(grad=False)
+    expected = x @ w.t() + b + ops.sparse_linear(x, v, flat.int(), OUT) + ops.low_rank_linear(x, a, bb, 0.5)
+    assert torch.allclose(f(x, v, a, bb), expected)
+
+
 def test_group_selection_by_norm_with_exclusion():
     from sparse_peft.selection import select
 
