@@ -17,6 +17,7 @@ state of their own that t cannot give back, so a run resumed from a checkpoint c
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from typing import Optional
 
@@ -108,6 +109,15 @@ class Progressive:
         for layer in self.layers.values():
             k, n = freeze_above_threshold(layer, self.adapter, self.threshold, self.optimizer)
             kept, total = kept + k, total + n
+        if total and kept < 0.05 * total:
+            # faithful to the rule, but the rest of the run then trains almost nothing: say why
+            warnings.warn(
+                f"SaRA's progressive step at step {t} kept only {kept} of {total} entries training: the updates "
+                "have moved the others above the magnitude threshold, which is tiny for the smallest weights. The "
+                "paper ties the learning rate to the threshold (lr = 1e-3·exp(-350·θ)); lower the learning rate, set "
+                "a larger `threshold`, or progressive_step=None to keep every entry training.",
+                stacklevel=2,
+            )
         return {"sparse/progressive_kept": kept / max(total, 1), "sparse/trainable_after_progressive": kept}
 
 

@@ -2,7 +2,7 @@
 
 The support is uniform at density 0.03 and never stored: a portable generator redraws it from the
 seed and the module's name at load time. Fine-tuning settings from the paper's appendix G
-(r = 8, α = 32); pretraining from scratch is `sparse_peft.sltrain.pretraining_model`.
+(r = 8, α = 32); pretraining from scratch is `sparse_peft.sltrain.convert`.
 """
 
 METHOD = dict(
