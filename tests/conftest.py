@@ -10,7 +10,9 @@ import torch.nn as nn
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the models here are tiny, so a second thread buys nothing, and on a busy or shared
+# machine a stalled thread holds every small matmul at its barrier (seen: 60x slower).
+torch.set_num_threads(1)
 
 
 class MLP(nn.Module):
