@@ -72,14 +72,15 @@ class Delta:
     def is_empty(self) -> bool:
         return self.values is None and self.row_block is None and self.col_block is None and self.lora_A is None
 
-    def effective_values(self) -> Optional[torch.Tensor]:
-        """The unstructured values as used: frozen slots overwritten (no gradient reaches them), scaled."""
+    def effective_values(self, scaled: bool = True) -> Optional[torch.Tensor]:
+        """The unstructured values as used: frozen slots overwritten (no gradient reaches them), and
+        times `sparse_scale` unless `scaled=False` (the values as stored, for re-freezing)."""
         values = self.values
         if values is None:
             return None
         if self.frozen_slots is not None and self.frozen_slots.numel():
             values = values.index_put((self.frozen_slots.long(),), self.frozen_values.to(values.dtype))
-        return values if self.sparse_scale == 1.0 else values * self.sparse_scale
+        return values if not scaled or self.sparse_scale == 1.0 else values * self.sparse_scale
 
     def _scaled(self, block: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return block if block is None or self.sparse_scale == 1.0 else block * self.sparse_scale

@@ -144,10 +144,8 @@ def freeze_above_threshold(layer, adapter: str, threshold: Optional[float], opti
     if adapter in layer.sparse_frozen_slots:
         frozen[layer.sparse_frozen_slots[adapter].long()] = True
     slots = frozen.nonzero().squeeze(1)
-    # the raw (unscaled) values: effective_values applies the scale after the frozen ones are put in
-    raw = values.index_put((layer.sparse_frozen_slots[adapter].long(),), layer.sparse_frozen_values[adapter]) \
-        if adapter in layer.sparse_frozen_slots else values
-    layer.sparse_frozen_values[adapter] = raw[slots].detach().clone()
+    # stored unscaled: effective_values applies the scale after the frozen ones are put in
+    layer.sparse_frozen_values[adapter] = delta.effective_values(scaled=False)[slots].detach().clone()
     layer.sparse_frozen_slots[adapter] = slots.to(indices.dtype)
     values[slots] = 0
     optimizer = _unwrap_optimizer(optimizer)

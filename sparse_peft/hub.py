@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .delta import FROZEN_NAMES, INDEX_NAMES, INDICES, PARAMETER_NAMES, check_stored
+from .delta import FROZEN_NAMES, FROZEN_SLOTS, INDEX_NAMES, INDICES, PARAMETER_NAMES, check_stored
 
 
 KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES) | set(FROZEN_NAMES)
@@ -47,7 +47,7 @@ def add_optional_buffers(model: nn.Module, adapter_name: str, state_dict: dict, 
         if attr in FROZEN_NAMES and isinstance(layer, SparseLayer) and adapter_name in layer.sparse_values:
             store = getattr(layer, attr)
             if adapter_name not in store:
-                dtype = torch.int32 if attr == FROZEN_NAMES[0] else layer.sparse_values[adapter_name].dtype
+                dtype = torch.int32 if attr == FROZEN_SLOTS else layer.sparse_values[adapter_name].dtype
                 store[adapter_name] = torch.zeros(0, dtype=dtype, device=layer.sparse_values[adapter_name].device)
 
 

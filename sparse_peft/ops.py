@@ -66,18 +66,19 @@ def sampled_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     return out
 
 
-def row_blocks(indices: torch.Tensor, out_features: int, in_features: int):
+def row_blocks(indices: torch.Tensor, out_features: int, in_features: int, every_block: bool = False):
     """Split (out × in) into blocks of whole rows of at most _BLOCK_ELEMENTS entries.
 
     Yields (r0, r1, a, b, local): rows r0:r1 hold the support entries a:b (indices are sorted),
-    at flat positions `local` within the block.
+    at flat positions `local` within the block. Blocks without support entries are skipped unless
+    `every_block` (a caller that needs the whole dense gradient, e.g. for a low-rank part).
     """
     step = max(1, _BLOCK_ELEMENTS // in_features)
     starts = torch.arange(0, out_features + step, step, device=indices.device).clamp_(max=out_features)
     bounds = torch.searchsorted(indices.long(), starts * in_features).tolist()
     for i, r0 in enumerate(range(0, out_features, step)):
         a, b = bounds[i], bounds[i + 1]
-        if a < b:
+        if a < b or every_block:
             yield r0, min(r0 + step, out_features), a, b, indices[a:b].long() - r0 * in_features
 
 
@@ -218,17 +219,12 @@ def _grads_from_blocks(dy, x, indices, lora_a, lora_b, scaling):
     """Gradients of values (at the support), A and B from G = dyᵀx, built one block of rows at a time."""
     out_features, in_features = dy.shape[1], x.shape[1]
     x = x.to(dy.dtype)
-    step = max(1, _BLOCK_ELEMENTS // in_features)
-    starts = torch.arange(0, out_features + step, step, device=indices.device).clamp_(max=out_features)
-    bounds = torch.searchsorted(indices.long(), starts * in_features).tolist()
     dvalues = torch.empty(indices.numel(), dtype=dy.dtype, device=dy.device)
     da, db = torch.zeros_like(lora_a), torch.empty_like(lora_b)
-    for i, r0 in enumerate(range(0, out_features, step)):
-        r1 = min(r0 + step, out_features)
+    for r0, r1, a, b, local in row_blocks(indices, out_features, in_features, every_block=True):
         g = dy[:, r0:r1].t() @ x  # (rows × in), the weight gradient of these rows
-        a, b = bounds[i], bounds[i + 1]
         if a < b:
-            dvalues[a:b] = g.view(-1)[indices[a:b].long() - r0 * in_features]
+            dvalues[a:b] = g.view(-1)[local]
         db[r0:r1] = (g @ lora_a.t()) * scaling
         da.addmm_(lora_b[r0:r1].t(), g, alpha=scaling)
     return dvalues, da, db

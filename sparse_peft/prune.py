@@ -73,7 +73,8 @@ def prune(
     if heads_per_layer is not None:
         heads = _heads_to_prune(model, layers, deltas, heads_per_layer)
     model = model.merge_and_unload(adapter_names=[adapter])
-    weights = {n: _as_2d(bases[n]) for n in layers}  # the merged weights, now W + ΔW
+    # the merged weights, now W + ΔW, in (out × in) through each layer's own view (Conv1D stores in × out)
+    weights = {n: layers[n]._as_2d(bases[n].weight.data) for n in layers}
 
     if sparsity is not None:
         if not 0 < sparsity < 1:
@@ -129,12 +130,6 @@ def _heads_to_prune(model, layers: dict, deltas: dict, per_layer: int) -> dict[s
         heads = torch.topk(importance, per_layer, largest=False).indices.sort().values
         chosen[name] = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
     return chosen
-
-
-def _as_2d(base) -> torch.Tensor:
-    from transformers.pytorch_utils import Conv1D
-
-    return base.weight.data.t() if isinstance(base, Conv1D) else base.weight.data
 
 
 def _report(structure, weights, heads=None) -> PruneReport:
