@@ -40,7 +40,7 @@ QUICK_RANK = 16
 # SLTrain: the paper's 3e-3. The baselines: the best of a small sweep on the default run (PRETRAINING.md),
 # full-rank 1e-3 / 2e-3 / 3e-3 / 6e-3, low-rank 1e-3 / 3e-3 / 1e-2.
 LR = {"full-rank": 2e-3, "low-rank": 3e-3, "sltrain": 3e-3}
-VAL_SHARE = 0.05  # the last 5 % of the stream (the alphabetically last stdlib files) is never trained on
+VAL_SHARE = 0.05  # the last 5 % of the stream (the last stdlib files, uuid.py on) is never trained on
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -223,7 +223,7 @@ def print_table(rows, args) -> None:
                 f"{total / full:>9.0%}{r['step_ms']:>9.0f}")
         print(line + (f"{r['peak'] / mib:>15.1f}" if r["peak"] is not None else ""))
     print("state: parameters + gradients + AdamW moments (+ index buffers), fp32; saved: what autograd keeps for "
-          "backward in one step.\nval ppl: per byte, on held-out stdlib files; lower is better.")
+          "backward in one step.\nval ppl: per byte, on held-out stdlib source; lower is better.")
 
 
 def plot(rows, path: Path) -> None:
