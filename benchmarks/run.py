@@ -509,6 +509,38 @@ def pretraining_rows(args) -> list[dict]:
     return rows
 
 
+def ggpo_overhead_rows(base, budget: Budget, train: torch.Tensor, args) -> list[dict]:
+    """LoRA-GGPO's step against PEFT LoRA's as tokens per micro-batch grow. The noise costs a fixed
+    amount per weight and pass (a Gaussian draw), the GEMMs a cost per token: the ratio is the point."""
+    by_name = {s.name: s for s in specs()}
+    group = [by_name["PEFT LoRA"], by_name["lora_ggpo"]]
+    rows = []
+    for batch in (1, 2) if args.quick else (1, 2, 4, 8):
+        g = torch.Generator().manual_seed(3)
+        batches = [windows(train, batch, args.seq, g).to(args.device) for _ in range(args.gc_steps + WARMUP)]
+        setups = [Setup(spec, args) for spec in group]
+        for s in setups:
+            s.attempt(s.build, base, budget, batches, len(batches))
+        for ids in batches:
+            for s in setups:
+                s.attempt(s.step, ids)
+        if any(s.error for s in setups):
+            rows.append(dict(tokens=batch * args.seq, error="; ".join(s.error for s in setups if s.error)))
+            continue
+        lora, ggpo = (statistics.median(s.times[WARMUP:]) for s in setups)
+        rows.append(dict(tokens=batch * args.seq, lora=lora, ggpo=ggpo))
+        del setups
+        gc.collect()
+    return rows
+
+
+def ggpo_overhead_table(rows: list[dict]) -> str:
+    body = [[f"{r['tokens']:,}", "error", "", r["error"]] if "error" in r else
+            [f"{r['tokens']:,}", f"{r['lora'] * 1e3:.1f}", f"{r['ggpo'] * 1e3:.1f}", f"{r['ggpo'] / r['lora']:.2f}"]
+            for r in rows]
+    return markdown(["tokens per micro-batch", "PEFT LoRA step (ms)", "lora_ggpo step (ms)", "lora_ggpo / LoRA"], body)
+
+
 def pretraining_table(rows: list[dict]) -> str:
     full = rows[0]
     body = [[r["name"], f"{r['params']:,}", f"{r['state'] / MiB:.2f}", f"{r['saved'] / MiB:.2f}",
@@ -518,7 +550,8 @@ def pretraining_table(rows: list[dict]) -> str:
                      "total / full-rank", "step (ms)", "step / full-rank"], body)
 
 
-def report(rows, check, args, shape: str, pretrain_loss: float, seconds: float, pretraining: str = "") -> str:
+def report(rows, check, args, shape: str, pretrain_loss: float, seconds: float, pretraining: str = "",
+           ggpo: str = "") -> str:
     cuda = args.device.startswith("cuda")
     main, ratios = tables(rows, cuda)
     check_table = (markdown(["down_proj of layer 0", "MiB"], [[n, f"{b / MiB:.3f}"] for n, b in check])
@@ -624,6 +657,17 @@ values (`index_put_` / `index_add_`).
 
 {switch_table(rows)}
 
+## LoRA-GGPO's overhead and tokens per micro-batch
+
+PEFT LoRA and `lora_ggpo` (same rank, same batches, taking turns), median step over {args.gc_steps} steps after
+{WARMUP} warm-up steps, at several batch sizes of {args.seq}-token sequences. GGPO's noise is one Gaussian draw of
+out × in per layer in the forward and one in the backward, a cost per weight; the GEMMs cost per token.
+The LoRA update is folded into the noisy scratch weight (one GEMM per pass, no per-token LoRA products
+or adds), which pays for the draws once a micro-batch has enough tokens. On a GPU the draw is a
+bandwidth-bound Philox kernel.
+
+{ggpo or "(not run)"}
+
 ## Pretraining from scratch: SLTrain against full rank
 
 SLTrain's own setting (`sparse_peft.sltrain.convert`): the same model shape trained from random
@@ -709,9 +753,11 @@ def main() -> None:
         kept.update(group_kept)
     check = layer_check(kept, args) if len(kept) == 2 else None
 
+    print("LoRA-GGPO against LoRA at several micro-batch sizes", file=sys.stderr)
+    ggpo = ggpo_overhead_table(ggpo_overhead_rows(base, budget, train, args))
     print("pretraining from scratch: full rank and SLTrain", file=sys.stderr)
     pretraining = pretraining_table(pretraining_rows(args))
-    text = report(rows, check, args, shape, pretrain_loss, time.perf_counter() - started, pretraining)
+    text = report(rows, check, args, shape, pretrain_loss, time.perf_counter() - started, pretraining, ggpo)
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -72,6 +72,12 @@ class Delta:
     def is_empty(self) -> bool:
         return self.values is None and self.row_block is None and self.col_block is None and self.lora_A is None
 
+    @property
+    def is_low_rank_only(self) -> bool:
+        """Only scaling · B · A: no sparse part (an empty unstructured one counts as none)."""
+        sparse = (self.values is not None and self.values.numel() > 0) or self.row_block is not None or self.col_block is not None
+        return self.lora_A is not None and not sparse
+
     def effective_values(self, scaled: bool = True) -> Optional[torch.Tensor]:
         """The unstructured values as used: frozen slots overwritten (no gradient reaches them), and
         times `sparse_scale` unless `scaled=False` (the values as stored, for re-freezing)."""

@@ -325,7 +325,10 @@ class SparseLayer(BaseTunerLayer):
             if fused is not None:
                 return fused
         if noise is not None:
-            result = self._perturbed_base_forward(x, *noise)
+            folded = self._foldable_into_noise(deltas)
+            result = self._perturbed_base_forward(x, *noise, folded)
+            if folded is not None:
+                deltas = []
         else:
             result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
@@ -345,11 +348,23 @@ class SparseLayer(BaseTunerLayer):
         """LoRA-GGPO perturbs the base weight inside the forward; only plain linear layers allow that."""
         raise ValueError(f"perturbation='ggpo' supports nn.Linear and Conv1D layers, not {type(self.get_base_layer()).__name__}")
 
-    def _perturbed_base_forward(self, x: torch.Tensor, row_std: torch.Tensor, seed: int) -> torch.Tensor:
+    def _foldable_into_noise(self, deltas: list[Delta]) -> Optional[Delta]:
+        # GGPO builds a scratch W0 + ε each pass anyway; a lone LoRA update of the weight's dtype
+        # joins it (one GEMM per pass, no per-token add). Another dtype keeps its own path, so that
+        # no small update is rounded into a low-precision weight.
+        if len(deltas) != 1 or not deltas[0].is_low_rank_only:
+            return None
+        return deltas[0] if deltas[0].lora_A.dtype == self.get_base_layer().weight.dtype else None
+
+    def _perturbed_base_forward(
+        self, x: torch.Tensor, row_std: torch.Tensor, seed: int, delta: Optional[Delta] = None
+    ) -> torch.Tensor:
+        """x·(W0 + ε)ᵀ + b, plus the update of `delta` (low-rank only) folded into the same weight."""
         from .perturbation import perturbed_linear
 
         base = self.get_base_layer()
-        return perturbed_linear(x, self._as_2d(base.weight), base.bias, row_std, seed)
+        lora = () if delta is None else (delta.lora_A, delta.lora_B, delta.scaling)
+        return perturbed_linear(x, self._as_2d(base.weight), base.bias, row_std, seed, *lora)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         return True

@@ -15,8 +15,14 @@ this module is our reconstruction from the equations. Its choices:
 - ε enters with its gradient path: dx = dy·(W0 + ε), the gradient of the perturbed network,
   not of the clean one.
 - ε is never stored. It is regenerated from an integer seed in backward (as Flat-LoRA does), so
-  a layer keeps no activation and no out×in tensor for backward, and W0 is never written to:
-  removing the perturbation is exact by construction.
+  a layer keeps no out×in tensor for backward, and W0 is never written to: removing the
+  perturbation is exact by construction.
+- The LoRA update s·B·A is folded into the same scratch weight W0 + ε + s·B·A, so each pass is one
+  GEMM. The scratch weight has to be built for the noise anyway, and adding a rank-r product to it
+  costs r multiply-adds per weight, while LoRA's own path costs two thin GEMMs and an add over
+  every token per pass. On CPU this pays for most of the noise draw (the Gaussian draw is the
+  expensive part there: ~7 ns per weight, twice per step). The only activation kept is x, for
+  A's and B's gradients, as LoRA keeps it.
 
 Everything here is tensors in, tensors out. The caller decides which seed each layer gets at
 each forward (it must be fixed before the forward, so that a checkpointed recompute and the
@@ -130,8 +136,15 @@ def ggpo_row_std(
         return (var * (sigma**2 / n)).sqrt_()
 
 
-def perturbed_weight(weight: torch.Tensor, row_std: torch.Tensor, seed: int) -> torch.Tensor:
-    """A fresh tensor W0 + row_std[:, None] · Z, Z ~ N(0, 1) of W0's shape, in W0's dtype.
+def perturbed_weight(
+    weight: torch.Tensor,
+    row_std: torch.Tensor,
+    seed: int,
+    lora_A: torch.Tensor | None = None,
+    lora_B: torch.Tensor | None = None,
+    scaling: float = 1.0,
+) -> torch.Tensor:
+    """A fresh tensor W0 + row_std[:, None] · Z (+ scaling · B · A), Z ~ N(0, 1) of W0's shape, in W0's dtype.
 
     Z is drawn in float32 from a private torch.Generator on W0's device seeded with `seed`, so
     the global RNG is untouched and the same seed gives the same tensor bit for bit, in forward
@@ -146,46 +159,59 @@ def perturbed_weight(weight: torch.Tensor, row_std: torch.Tensor, seed: int) -> 
     gen.manual_seed(seed)
     noise = torch.randn(weight.shape, generator=gen, dtype=torch.float32, device=weight.device).to(acc)
     noise.mul_(row_std.detach().to(acc)[:, None]).add_(weight.detach())
+    if lora_A is not None:
+        noise.addmm_(lora_B.detach().to(acc), lora_A.detach().to(acc), alpha=scaling)
     return noise.to(weight.dtype)
 
 
 class PerturbedLinear(Function):
-    """y = x·(W0 + ε)ᵀ + b for a frozen W0 (out × in) and ε = row_std[:, None] · Z(seed).
+    """y = x·(W0 + ε + s·B·A)ᵀ + b for a frozen W0 (out × in), ε = row_std[:, None] · Z(seed), and an
+    optional LoRA pair A (r × in), B (out × r) with scaling s.
 
-    Saves only W0 (a reference to the frozen parameter) and row_std (out floats); the seed is an
-    int on ctx. Not x: W0 gets no gradient, so x is not needed. Not ε or W0 + ε: backward rebuilds
-    W0 + ε from the seed (perturbed_weight, same generator and dtype path) and returns
-    dx = dy·(W0 + ε). The perturbed weight lives only inside forward and inside backward.
+    Saves W0 (a reference to the frozen parameter), row_std (out floats), A and B (references),
+    and x only if A or B needs a gradient (W0 gets none, so the noise alone needs no activation).
+    The seed is an int on ctx. Not ε or the scratch weight: backward rebuilds it from the seed
+    (perturbed_weight, same generator and dtype path) and returns dx = dy·(W0 + ε + s·B·A). A's
+    and B's gradients are LoRA's, from rank-r products: s·(dy·B)ᵀ·x and s·dyᵀ·(x·Aᵀ).
 
     x: (..., in), any float dtype; the GEMM runs in W0's dtype (x and b cast to it), y comes out
-    in W0's dtype, dx in x's dtype. W0, b and row_std get no gradient.
+    in W0's dtype, dx in x's dtype, A's and B's gradients in theirs. W0, b and row_std get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, row_std, seed: int):
-        w = perturbed_weight(weight, row_std, seed)
+    def forward(ctx, x, weight, bias, row_std, seed: int, lora_A=None, lora_B=None, scaling: float = 1.0):
+        w = perturbed_weight(weight, row_std, seed, lora_A, lora_B, scaling)
         y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
-        ctx.save_for_backward(weight, row_std)
-        ctx.seed = seed
+        ctx.train_lora = lora_A is not None and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
+        ctx.save_for_backward(weight, row_std, lora_A, lora_B, x if ctx.train_lora else None)
+        ctx.seed, ctx.scaling = seed, scaling
         ctx.x_dtype = x.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        weight, row_std = ctx.saved_tensors
-        dx = None
+        weight, row_std, lora_A, lora_B, x = ctx.saved_tensors
+        dx = da = db = None
         if ctx.needs_input_grad[0]:
-            w = perturbed_weight(weight, row_std, ctx.seed)
+            w = perturbed_weight(weight, row_std, ctx.seed, lora_A, lora_B, ctx.scaling)
             dx = (dy.to(w.dtype) @ w).to(ctx.x_dtype)
-        return dx, None, None, None, None
+        if ctx.train_lora:
+            dy2 = dy.reshape(-1, dy.shape[-1]).to(lora_B.dtype)
+            x2 = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)
+            if ctx.needs_input_grad[5]:
+                da = ((dy2 @ lora_B).t() @ x2).mul_(ctx.scaling)
+            if ctx.needs_input_grad[6]:
+                db = (dy2.t() @ (x2 @ lora_A.t())).mul_(ctx.scaling)
+        return dx, None, None, None, None, da, db, None
 
 
-def perturbed_linear(x, weight, bias, row_std, seed: int) -> torch.Tensor:
-    """x·(W0 + ε)ᵀ + b with ε_ij = row_std_i · Z_ij, Z regenerated from `seed` (see PerturbedLinear).
+def perturbed_linear(x, weight, bias, row_std, seed: int, lora_A=None, lora_B=None, scaling: float = 1.0) -> torch.Tensor:
+    """x·(W0 + ε + s·B·A)ᵀ + b with ε_ij = row_std_i · Z_ij, Z regenerated from `seed` (see PerturbedLinear).
 
     weight is (out × in). For transformers' Conv1D, whose weight is stored (in × out), pass the
     view `conv.weight.t()`: nothing is copied, and the noise is indexed like a Linear's.
     row_std is used as a constant (detached): it must not change in place before backward.
+    lora_A (r × in) and lora_B (out × r), trainable, are optional; pass both or neither.
     """
     if weight.requires_grad or (bias is not None and bias.requires_grad):
         raise ValueError(
@@ -194,4 +220,11 @@ def perturbed_linear(x, weight, bias, row_std, seed: int) -> torch.Tensor:
         )
     if row_std.shape != weight.shape[:1]:
         raise ValueError(f"perturbed_linear: row_std has shape {tuple(row_std.shape)}, expected ({weight.shape[0]},)")
-    return PerturbedLinear.apply(x, weight, bias, row_std.detach(), int(seed))
+    if (lora_A is None) != (lora_B is None):
+        raise ValueError("perturbed_linear: pass both lora_A and lora_B, or neither")
+    if lora_A is not None and (lora_A.shape[1] != weight.shape[1] or lora_B.shape != (weight.shape[0], lora_A.shape[0])):
+        raise ValueError(
+            f"perturbed_linear: lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a "
+            f"weight of shape {tuple(weight.shape)} (expected (r, {weight.shape[1]}) and ({weight.shape[0]}, r))"
+        )
+    return PerturbedLinear.apply(x, weight, bias, row_std.detach(), int(seed), lora_A, lora_B, float(scaling))

@@ -276,3 +276,89 @@ def test_low_precision_input():
     torch.testing.assert_close(y, F.linear(x.detach().float(), w + std[:, None] * _z(4), b))
     y.sum().backward()
     assert x.grad.dtype == torch.bfloat16
+
+
+# --- the LoRA update folded into the perturbed weight ---------------------------------------------
+
+
+def _fold_inputs(dtype=D, bias=True):
+    w, b, std = _layer(dtype, bias)
+    a, bb, _, _ = _lora(dtype, seed=3)
+    return w, b, std, a.requires_grad_(True), bb.requires_grad_(True)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_folded_lora_matches_dense_math(bias):
+    # y = x (W0 + ε)ᵀ + b + s·x Aᵀ Bᵀ, as LoRA computes it beside an independently drawn noisy layer
+    w, b, std, a, bb = _fold_inputs(D, bias)
+    s, seed = 0.75, 41
+    x = torch.randn(2, 3, IN, dtype=D, requires_grad=True)
+    y = P.perturbed_linear(x, w, b, std, seed, a, bb, s)
+    refs = [t.detach().clone().requires_grad_(True) for t in (x, a, bb)]
+    x_r, a_r, b_r = refs
+    y_ref = F.linear(x_r, w + std[:, None].to(D) * _z(seed).to(D), b) + s * (x_r @ a_r.t()) @ b_r.t()
+    torch.testing.assert_close(y, y_ref)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for got, ref in zip((x, a, bb), refs):
+        torch.testing.assert_close(got.grad, ref.grad)
+
+
+def test_folded_lora_gradcheck():
+    w, b, std, a, bb = _fold_inputs(D)
+    x = torch.randn(2, 3, IN, dtype=D, requires_grad=True)
+    assert gradcheck(lambda x, a, bb: P.perturbed_linear(x, w, b, std, 7, a, bb, 1.5), (x, a, bb))
+
+
+def test_folded_lora_saves_x_and_references_only():
+    # LoRA's activation (x) and references to the parameters; no out × in scratch tensor
+    w, b, std, a, bb = _fold_inputs(torch.float32)
+    x = torch.randn(6, 5, IN, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        P.perturbed_linear(x, w, b, std, 2, a, bb, 2.0)
+    ptrs = {t.untyped_storage().data_ptr() for t in saved}
+    assert ptrs == {t.untyped_storage().data_ptr() for t in (x, w, std, a, bb)}
+    # frozen adapter: nothing of x is kept
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        P.perturbed_linear(x, w, b, std, 2, a.detach(), bb.detach(), 2.0)
+    assert x.untyped_storage().data_ptr() not in {t.untyped_storage().data_ptr() for t in saved}
+
+
+def test_folded_lora_low_precision_weight_rounds_the_sum_once():
+    w, b, std = _layer(torch.bfloat16)
+    a, bb, _, _ = _lora(torch.bfloat16, seed=3)
+    std = std * 0.05
+    x = torch.randn(3, IN)
+    y = P.perturbed_linear(x, w, b, std, 4, a, bb, 0.5)
+    w_ref = (w.float() + std[:, None] * _z(4) + 0.5 * bb.float() @ a.float()).bfloat16()
+    assert torch.equal(y, F.linear(x.bfloat16(), w_ref, b))
+
+
+def test_folded_lora_gradient_checkpointing_is_bitwise_equal():
+    w, b, std, a, bb = _fold_inputs(torch.float32)
+    x = torch.randn(4, IN, requires_grad=True)
+
+    def block(h):
+        return torch.tanh(P.perturbed_linear(h, w, b, std, 101, a, bb, 2.0))
+
+    grads = []
+    for use_checkpoint in (False, True):
+        for t in (x, a, bb):
+            t.grad = None
+        y = checkpoint(block, x, use_reentrant=False) if use_checkpoint else block(x)
+        (y**2).sum().backward()
+        grads.append([t.grad.clone() for t in (x, a, bb)])
+    for g0, g1 in zip(*grads):
+        assert torch.equal(g0, g1)
+
+
+def test_folded_lora_shapes_are_checked():
+    w, b, std, a, bb = _fold_inputs(torch.float32)
+    x = torch.randn(2, IN)
+    with pytest.raises(ValueError, match="both lora_A and lora_B"):
+        P.perturbed_linear(x, w, b, std, 0, a, None)
+    with pytest.raises(ValueError, match="do not fit"):
+        P.perturbed_linear(x, w, b, std, 0, a, bb.t())

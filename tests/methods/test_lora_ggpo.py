@@ -64,6 +64,47 @@ def test_training_forward_adds_the_seeded_noise_and_eval_does_not():
     assert torch.equal(layer.get_base_layer().weight, base[0].weight)  # never perturbed in place
 
 
+def _noisy_layer_and_reference(base):
+    from sparse_peft.perturbation import perturbed_linear
+
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(method="lora_ggpo", target_modules=["0"], init_weights=False))
+    SparseScheduler(model, None)
+    model.train()
+    layer = _adapted(model)["base_model.model.0"]
+    std, seed = layer.sparse_noise["default"]
+    a, b = layer.sparse_lora_A["default"], layer.sparse_lora_B["default"]
+    a_ref, b_ref = (t.detach().clone().requires_grad_(True) for t in (a, b))
+    w0 = layer.get_base_layer()
+    scaling = layer.get_delta("default").scaling
+
+    def reference(x):  # the noisy base layer and LoRA's own product, side by side
+        lora = ((x.to(a_ref.dtype) @ a_ref.t() @ b_ref.t()) * scaling).to(w0.weight.dtype)
+        return perturbed_linear(x, w0.weight, w0.bias, std, seed) + lora
+
+    return layer, (a, b), (a_ref, b_ref), reference
+
+
+def test_training_forward_folds_the_adapter_into_the_noisy_weight():
+    # one GEMM on W0 + ε + s·B·A; the same output and adapter gradients as LoRA beside the noisy layer
+    layer, params, refs, reference = _noisy_layer_and_reference(_mlp())
+    x = torch.randn(5, 16, dtype=torch.float64)
+    dy = torch.randn(5, 32, dtype=torch.float64)
+    y, y_ref = layer(x), reference(x)
+    torch.testing.assert_close(y, y_ref)
+    y.backward(dy)
+    y_ref.backward(dy)
+    for p, r in zip(params, refs):
+        torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_low_precision_base_keeps_the_adapter_out_of_the_noisy_weight():
+    # bf16 W0 with fp32 adapters: folding would round s·B·A into bf16, so the adapter keeps its own product
+    layer, params, refs, reference = _noisy_layer_and_reference(_mlp().to(torch.bfloat16))
+    assert params[0].dtype == torch.float32
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    assert torch.equal(layer(x), reference(x))
+
+
 def test_without_the_schedule_it_is_plain_lora_and_matches_peft():
     base = _mlp()
     ours = get_peft_model(copy.deepcopy(base), SparseConfig(method="lora_ggpo", target_modules=["0", "2"], init_weights=False))
