@@ -191,6 +191,19 @@ class Perturbation:
         # the gradients of step t set the noise of step t + 1's forwards
         return {"sparse/perturbation_std": self._refresh(t + 1, with_grads=True)}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # the scale of the next step's noise depends on the last step's gradients, which a checkpoint
+        # does not hold: keep the scale itself (out floats per layer); the seed follows from the step
+        return {f"noise.{name}": layer.sparse_noise[self.adapter][0] for name, layer in self.layers.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], t: int) -> None:
+        """Resume after t optimizer steps: the noise of step t + 1, as the interrupted run had it."""
+        self._refresh(t + 1, with_grads=False)  # the seeds, and a scale for layers the state lacks
+        for name, layer in self.layers.items():
+            std = state.get(f"noise.{name}")
+            if std is not None:
+                layer.sparse_noise[self.adapter] = (std.to(layer.sparse_lora_A[self.adapter].device), layer.sparse_noise[self.adapter][1])
+
     def remove(self) -> None:
         for layer in self.layers.values():
             layer.sparse_noise.pop(self.adapter, None)

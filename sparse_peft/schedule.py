@@ -304,6 +304,9 @@ class SparseScheduler:
                 state[f"probe.{name}.size"] = torch.tensor([probe.n])
                 if probe.candidates is not None:
                     state[f"probe.{name}.candidates"], state[f"probe.{name}.sums"] = probe.candidates, probe.sums
+        for hook in self.hooks:
+            if hasattr(hook, "state_dict"):
+                state.update(hook.state_dict())
         return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -320,6 +323,9 @@ class SparseScheduler:
                     probe.candidates = state[f"probe.{name}.candidates"].to(device)
                     probe.sums = state[f"probe.{name}.sums"].to(device)
                 layer.sparse_probe[self.adapter] = probe
+        for hook in self.hooks:
+            if hasattr(hook, "load_state_dict"):
+                hook.load_state_dict(state, self.step_count)
 
     def step(self) -> Optional[dict]:
         if not self.enabled:
