@@ -26,9 +26,10 @@ def _x(dtype=D, grad=True):
     return torch.randn(2, 3, IN, dtype=dtype, requires_grad=grad)
 
 
-@pytest.fixture(params=["dense-blocks", "many-blocks", "sparse-kernels"])
+@pytest.fixture(params=["dense-blocks", "many-blocks", "sparse-kernels", "gather"])
 def kernel_path(request, monkeypatch):
-    """SparseLinear's two strategies, and row blocks much smaller than the matrix."""
+    """SparseLinear's three strategies, and row blocks much smaller than the matrix."""
+    monkeypatch.setattr(ops, "GATHER_BELOW", 1e9 if request.param == "gather" else 0.0)
     if request.param == "sparse-kernels":
         monkeypatch.setattr(ops, "SPARSE_KERNEL_BELOW_DENSITY", 1.1)
     if request.param == "many-blocks":
