@@ -125,14 +125,17 @@ def ggpo_row_std(
         sqrt((σ²/n) · (‖W0_i‖² + ‖(sBA)_i‖² + β·‖s(B·gA + gB·A)_i‖²)),   n = in_features.
 
     w0_row_sq is row_sq_norms(W0), cached. grad_A / grad_B are the previous step's gradients;
-    with both None (the first step) the β term is zero. Returns float32 (float64 for float64
-    inputs); carries no autograd history.
+    with both None (the first step) the β term is zero. A row whose gradient term is not finite
+    (an fp16 overflow: the loss scaler skips that step) gets no β term rather than infinite noise,
+    which would poison every later forward. Returns float32 (float64 for float64 inputs); carries
+    no autograd history.
     """
     n = lora_A.shape[-1]
     with torch.no_grad():
         var = w0_row_sq.to(_acc(w0_row_sq, lora_A)) + low_rank_row_sq_norms(lora_A, lora_B, scaling)
         if beta and (grad_A is not None or grad_B is not None):
-            var = var + beta * low_rank_grad_row_sq_norms(lora_A, lora_B, grad_A, grad_B, scaling)
+            g = low_rank_grad_row_sq_norms(lora_A, lora_B, grad_A, grad_B, scaling)
+            var = var + beta * torch.where(torch.isfinite(g), g, 0.0)  # no host sync
         return (var * (sigma**2 / n)).sqrt_()
 
 

@@ -362,3 +362,18 @@ def test_folded_lora_shapes_are_checked():
         P.perturbed_linear(x, w, b, std, 0, a, None)
     with pytest.raises(ValueError, match="do not fit"):
         P.perturbed_linear(x, w, b, std, 0, a, bb.t())
+
+
+def test_a_non_finite_gradient_drops_the_beta_term_of_its_rows_only():
+    # fp16 training: an overflowing step has inf gradients (the scaler skips it); the noise must stay finite
+    a, b, ga, gb = _lora()
+    w0_sq = torch.rand(OUT, dtype=D)
+    gb = gb.clone()
+    gb[3] = float("inf")
+    std = P.ggpo_row_std(w0_sq, a, b, ga, gb, 0.5)
+    assert torch.isfinite(std).all()
+    no_grad = P.ggpo_row_std(w0_sq, a, b, None, None, 0.5)
+    with_grad = P.ggpo_row_std(w0_sq, a, b, ga, torch.where(torch.isfinite(gb), gb, 0), 0.5)
+    assert std[3] == no_grad[3]
+    keep = torch.arange(OUT) != 3
+    torch.testing.assert_close(std[keep], with_grad[keep])
