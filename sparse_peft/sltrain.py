@@ -64,9 +64,19 @@ class SLTrainLinear(nn.Module):
             self.bias.uniform_(-1 / math.sqrt(self.out_features), 1 / math.sqrt(self.out_features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = ops.sparse_linear(x, self.values, self.indices, self.out_features)
-        if self.lora_A is not None:
-            y = y + ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling)
+        n_tokens = x.numel() // x.shape[-1]
+        if ops.product_mode(n_tokens, self.values.numel(), self.out_features, self.in_features) == "gather":
+            # few tokens (decoding): a gather over the support and two thin products
+            y = ops.sparse_linear(x, self.values, self.indices, self.out_features)
+            if self.lora_A is not None:
+                y = y + ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling)
+        else:
+            # one GEMM per pass on a scratch (α/r)·B·A + S, as full rank costs, plus the scratch.
+            # The op adds the update to a frozen base it copies; here the base is zero: an
+            # expanded scalar, which holds no memory and whose copy is a fresh dense zero matrix.
+            zero = self.values.new_zeros(()).expand(self.out_features, self.in_features)
+            y = ops.merged_sparse_linear(x.to(self.values.dtype), zero, None, self.values, self.indices,
+                                         None, self.lora_A, self.lora_B, self.scaling)
         return y if self.bias is None else y + self.bias
 
     @torch.no_grad()
