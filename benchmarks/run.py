@@ -541,6 +541,49 @@ def ggpo_overhead_table(rows: list[dict]) -> str:
     return markdown(["tokens per micro-batch", "PEFT LoRA step (ms)", "lora_ggpo step (ms)", "lora_ggpo / LoRA"], body)
 
 
+def decode_rows(args) -> list[dict]:
+    """Greedy decoding, one token per forward, with each adapter left unmerged (as in evaluation
+    loops and RL rollouts), against the bare base. A wider model than the training rows (4x the
+    hidden size, 2 layers, random weights: only time is measured), where the cost of a weight pass
+    shows over Python's per-op overhead."""
+    hidden = 4 * args.hidden
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
+                         max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config).eval().to(args.device)
+    budget = target_budget(base)
+    prompt = torch.randint(0, 256, (1, 16), device=args.device)
+    new_tokens = 8 if args.quick else 32
+    by_name = {s.name: s for s in specs()}
+    models = {"base": base}
+    for name in ("PEFT LoRA", *METHODS):
+        cfg = by_name[name].config(budget)
+        model = get_peft_model(copy.deepcopy(base), cfg).eval()
+        if isinstance(cfg, SparseConfig) and cfg.selection in ACTIVATION_RULES:
+            calibrate(model, [prompt], progress=False)
+        models[name] = model
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for round_ in range(4):  # the first round warms up; the setups take turns
+            for name, model in models.items():
+                start = time.perf_counter()
+                model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                               do_sample=False, pad_token_id=0)
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                if round_:
+                    times[name].append((time.perf_counter() - start) / new_tokens)
+    shape = f"hidden {hidden}, intermediate {config.intermediate_size}, 2 layers"
+    return [dict(name=name, shape=shape, s=statistics.median(t)) for name, t in times.items()]
+
+
+def decode_table(rows: list[dict]) -> str:
+    base, lora = rows[0]["s"], next(r["s"] for r in rows if r["name"] == "PEFT LoRA")
+    body = [[r["name"], f"{r['s'] * 1e3:.2f}", f"{r['s'] / base:.2f}", f"{r['s'] / lora:.2f}"] for r in rows]
+    return f"Model: {rows[0]['shape']}.\n\n" + markdown(["setup", "ms per token", "/ base", "/ PEFT LoRA"], body)
+
+
 def pretraining_table(rows: list[dict]) -> str:
     full = rows[0]
     body = [[r["name"], f"{r['params']:,}", f"{r['state'] / MiB:.2f}", f"{r['saved'] / MiB:.2f}",
@@ -551,7 +594,7 @@ def pretraining_table(rows: list[dict]) -> str:
 
 
 def report(rows, check, args, shape: str, pretrain_loss: float, seconds: float, pretraining: str = "",
-           ggpo: str = "") -> str:
+           ggpo: str = "", decode: str = "") -> str:
     cuda = args.device.startswith("cuda")
     main, ratios = tables(rows, cuda)
     check_table = (markdown(["down_proj of layer 0", "MiB"], [[n, f"{b / MiB:.3f}"] for n, b in check])
@@ -657,6 +700,16 @@ values (`index_put_` / `index_add_`).
 
 {switch_table(rows)}
 
+## Decoding with the adapter unmerged
+
+Greedy generation of one sequence, one token per forward (a 16-token prompt, then the timed new
+tokens; median of 3 rounds after a warm-up, the setups taking turns), with each adapter left
+unmerged as in an evaluation loop or an RL rollout; merged, every adapter runs at the base's speed.
+With few tokens per forward an unstructured update is a gather over its support and a scatter-add
+(`ops.product_mode`), not a scratch copy of the weight; a low-rank part is two thin products.
+
+{decode or "(not run)"}
+
 ## LoRA-GGPO's overhead and tokens per micro-batch
 
 PEFT LoRA and `lora_ggpo` (same rank, same batches, taking turns), median step over {args.gc_steps} steps after
@@ -753,11 +806,13 @@ def main() -> None:
         kept.update(group_kept)
     check = layer_check(kept, args) if len(kept) == 2 else None
 
+    print("decoding with each adapter unmerged", file=sys.stderr)
+    decode = decode_table(decode_rows(args))
     print("LoRA-GGPO against LoRA at several micro-batch sizes", file=sys.stderr)
     ggpo = ggpo_overhead_table(ggpo_overhead_rows(base, budget, train, args))
     print("pretraining from scratch: full rank and SLTrain", file=sys.stderr)
     pretraining = pretraining_table(pretraining_rows(args))
-    text = report(rows, check, args, shape, pretrain_loss, time.perf_counter() - started, pretraining, ggpo)
+    text = report(rows, check, args, shape, pretrain_loss, time.perf_counter() - started, pretraining, ggpo, decode)
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
