@@ -91,6 +91,23 @@ class Delta:
     def _scaled(self, block: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return block if block is None or self.sparse_scale == 1.0 else block * self.sparse_scale
 
+    def sparse_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every sparse part (values, rows, columns) as (flat row-major int64 positions, values), scaled
+        as applied. Positions may repeat across parts; the sum over repeats is the update there."""
+        ref = next(t for t in (self.values, self.row_block, self.col_block, self.lora_A) if t is not None)
+        arange = lambda n: torch.arange(n, device=ref.device)  # noqa: E731
+        positions, values = [ref.new_zeros(0, dtype=torch.int64)], [ref.new_zeros(0)]
+        if self.values is not None:
+            positions.append(self.indices.long())
+            values.append(self.effective_values())
+        if self.row_block is not None:
+            positions.append((self.row_index.long()[:, None] * self.in_features + arange(self.in_features)).reshape(-1))
+            values.append(self._scaled(self.row_block).reshape(-1))
+        if self.col_block is not None:
+            positions.append((arange(self.out_features)[:, None] * self.in_features + self.col_index.long()).reshape(-1))
+            values.append(self._scaled(self.col_block).reshape(-1))
+        return torch.cat(positions), torch.cat([v.to(ref.dtype) for v in values])
+
     def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.split_flat(self.indices, self.in_features)
 

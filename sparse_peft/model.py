@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 from . import architectures, hub
 from ._peft import PREFIX
 from .config import SparseConfig
-from .delta import INDICES
+from .delta import INDICES, index_dtype
 from .layer import Conv2d, Linear, SparseLayer
 from .methods import METHODS
 from .selection import CALIBRATION_RULES, module_seed, select_global
@@ -102,6 +102,64 @@ class SparseModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         # supports that depend on several layers can only be chosen once every layer exists
         self.choose_supports(adapter_name)
+
+    # -- combining adapters ----------------------------------------------------------------------
+    @torch.no_grad()
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear"
+    ) -> None:
+        """Add `adapter_name`, whose update on every layer is Σ weights[i] · ΔW of adapters[i], exactly.
+
+        PEFT's LoRA method of the same name, "linear" kind: sparse diffs compose by addition (a
+        language and a task adapter, task arithmetic with negative weights). The sparse parts of
+        all adapters (entries, rows, columns) become one unstructured support, their union, with
+        summed values; low-rank parts are stacked (rank = the sum of the ranks, scaling 1), so
+        nothing is approximated. The new adapter is not active: `set_adapter` it. It saves and
+        loads like any other (its layers may differ in size; the file says how).
+        """
+        if combination_type != "linear":
+            raise ValueError(f"combination_type={combination_type!r} is not supported; sparse adapters combine exactly "
+                             "with combination_type='linear' (a weighted sum)")
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(f"give one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+        unknown = [a for a in adapters if a not in self.peft_config]
+        if unknown:
+            raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(self.peft_config)}")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"an adapter named {adapter_name!r} exists already; choose another name or delete it first")
+        layers = {}
+        for key, module in self.model.named_modules():
+            if isinstance(module, SparseLayer):
+                deltas = [(w, module.get_delta(a)) for a, w in zip(adapters, weights)]
+                deltas = [(w, d) for w, d in deltas if d is not None]
+                if deltas:
+                    layers[key] = (module, deltas)
+        has_sparse = any(d.values is not None or d.row_block is not None or d.col_block is not None
+                         for _, ds in layers.values() for _, d in ds)
+        rank = max((sum(d.lora_A.shape[0] for _, d in ds if d.lora_A is not None) for _, ds in layers.values()), default=0)
+        entries, size = 0, 0
+        combined = {}
+        for key, (module, deltas) in layers.items():
+            combined[key] = _combine(deltas, *module.delta_shape)
+            entries, size = entries + combined[key][1].numel(), size + module.delta_shape[0] * module.delta_shape[1]
+        first = self.peft_config[adapters[0]]
+        config = SparseConfig(
+            structure="unstructured" if has_sparse else "none", density=min(1.0, max(entries, 1) / size),
+            r=rank, lora_alpha=rank or None, target_modules=sorted(layers), init_weights=True,
+            base_model_name_or_path=first.base_model_name_or_path, revision=first.revision, task_type=first.task_type,
+        )
+        self.peft_config[adapter_name] = config
+        self.inject_adapter(self.model, adapter_name)
+        for key, (module, _) in layers.items():
+            positions, values, lora_a, lora_b = combined[key]
+            if has_sparse:
+                module.sparse_values[adapter_name] = nn.Parameter(values, requires_grad=False)
+                module.sparse_indices[adapter_name] = positions.to(index_dtype(module.delta_shape[0] * module.delta_shape[1]))
+            if rank:
+                module.sparse_lora_A[adapter_name] = nn.Parameter(lora_a, requires_grad=False)
+                module.sparse_lora_B[adapter_name] = nn.Parameter(lora_b, requires_grad=False)
+                module.sparse_scaling[adapter_name] = 1.0
+            module.sparse_part_scale[adapter_name] = 1.0
 
     # -- supports chosen over several layers ------------------------------------------------------
     def choose_supports(self, adapter_name: str, calibration: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -262,6 +320,23 @@ class SparseModel(BaseTuner):
             _discard_adapter(model, adapter_name)
             raise
         return state_dict
+
+
+def _combine(deltas, out_features: int, in_features: int):
+    """Σ w · Δ on one layer: (sorted unique positions, summed values, stacked A, stacked w·s·B)."""
+    ref = next(t for t in (deltas[0][1].values, deltas[0][1].row_block, deltas[0][1].col_block, deltas[0][1].lora_A)
+               if t is not None)
+    positions, values, lora_a, lora_b = [], [], [ref.new_zeros(0, in_features)], [ref.new_zeros(out_features, 0)]
+    for w, delta in deltas:
+        p, v = delta.sparse_entries()
+        positions.append(p)
+        values.append(w * v)
+        if delta.lora_A is not None:
+            lora_a.append(delta.lora_A.detach().to(ref.dtype))
+            lora_b.append((w * delta.scaling) * delta.lora_B.detach().to(ref.dtype))
+    unique, inverse = torch.unique(torch.cat(positions), sorted=True, return_inverse=True)
+    summed = ref.new_zeros(unique.numel()).index_add_(0, inverse, torch.cat(values).detach().to(ref.dtype))
+    return unique, summed, torch.cat(lora_a), torch.cat(lora_b, dim=1)
 
 
 def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
