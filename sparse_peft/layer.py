@@ -305,10 +305,13 @@ class SparseLayer(BaseTunerLayer):
 
     def sparse_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer's output plus the update of every active adapter present here."""
+        adapter_names = kwargs.pop("adapter_names", None)  # a mixed batch (SparseModel._enable_peft_forward_hooks)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         if self.sparse_uncalibrated and self.training and torch.is_grad_enabled():
@@ -335,6 +338,22 @@ class SparseLayer(BaseTunerLayer):
             result = self.quantization_backend.maybe_clone_base_result(result)
         for delta in deltas:
             result = result + self._delta_forward(x, delta).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Sample i gets adapter adapter_names[i] ("__base__": none): the base output, plus each
+        adapter's update computed on its own samples only."""
+        if len(adapter_names) != len(x):
+            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {len(x)}; give one name per sample")
+        if self.merged:
+            raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):
+            delta = None if name == "__base__" else self.get_delta(name)
+            if delta is None:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            result = result.index_add(0, rows, self._delta_forward(x.index_select(0, rows), delta).to(result.dtype))
         return result
 
     def _fused_forward(self, x: torch.Tensor, delta: Delta) -> Optional[torch.Tensor]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import re
+from contextlib import contextmanager
 from typing import Optional
 
 import torch
@@ -102,6 +103,43 @@ class SparseModel(BaseTuner):
         super().inject_adapter(model, adapter_name, *args, **kwargs)
         # supports that depend on several layers can only be chosen once every layer exists
         self.choose_supports(adapter_name)
+
+    # -- mixed-adapter batches -------------------------------------------------------------------
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        """`model(..., adapter_names=[...])` / `generate(...)`: one adapter name per sample ("__base__"
+        for none), at inference, as PEFT's LoRA has it. PeftModel calls this around every forward;
+        the names reach each sparse layer through a forward pre-hook while the call lasts."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode; call model.eval() first")
+        unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}; "
+                             f"this model has {sorted(self.peft_config)} (and '__base__' for no adapter)")
+        names = list(adapter_names)
+        num_beams = kwargs.get("num_beams")
+        if isinstance(num_beams, int) and num_beams > 1:
+            names = [n for n in names for _ in range(num_beams)]  # generate repeats each sample per beam
+
+        def inject(names):
+            return lambda module, args, kw: (args, {**kw, "adapter_names": names})
+
+        handles = [m.register_forward_pre_hook(inject(names), with_kwargs=True)
+                   for m in self.model.modules() if isinstance(m, SparseLayer)]
+        encoder = self.model.get_encoder() if hasattr(self.model, "get_encoder") else None
+        if encoder is not None and encoder is not self.model and names is not adapter_names:
+            # an encoder runs once per sample, not per beam: its hooks (registered later, so they win) keep the originals
+            handles += [m.register_forward_pre_hook(inject(list(adapter_names)), with_kwargs=True)
+                        for m in encoder.modules() if isinstance(m, SparseLayer)]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     # -- combining adapters ----------------------------------------------------------------------
     @torch.no_grad()
