@@ -42,6 +42,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparse_peft  # noqa: F401  (registers SparseConfig with PEFT)
 from sparse_peft import METHODS, SparseConfig, SparseScheduler, calibrate
+from sparse_peft.methods import lora_budget
 from sparse_peft.measure import saved_tensors
 from sparse_peft.selection import ACTIVATION_RULES
 
@@ -78,15 +79,9 @@ class Spec:
 
 def method_kwargs(name: str, budget: Budget) -> dict:
     """SparseConfig fields that give method `name` LoRA's trainable count."""
-    method = METHODS[name]
-    preset = method.defaults
-    if method.target_roles:  # the method picks its own layers (S²FT: o_proj, down_proj): LoRA's total over them
+    if METHODS[name].target_roles:  # the method picks its own layers (S²FT: o_proj, down_proj): LoRA's total over them
         return dict(num_trainable=budget.lora)
-    if preset.get("structure") == "none":  # low-rank only: LoRA's rank
-        return dict(r=R, target_modules=TARGETS)
-    if preset.get("r"):  # sparse + low-rank: half the rank to each part
-        return dict(r=R // 2, equivalent_rank=R, target_modules=TARGETS)
-    return dict(equivalent_rank=R, target_modules=TARGETS)
+    return dict(lora_budget(name, R), target_modules=TARGETS)  # LoRA's rank, shared with a low-rank part if any
 
 
 # Extra rows: a method with other settings (name, method, fields over method_kwargs).

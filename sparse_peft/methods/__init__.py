@@ -28,3 +28,21 @@ class Method:
 METHODS: dict[str, Method] = {
     m.METHOD["name"]: Method(**m.METHOD) for m in (spiel, s2ft, dsee, sara, lora_ggpo, sltrain)
 }
+
+
+def lora_budget(name: str, rank: int) -> dict:
+    """The `SparseConfig` fields that give method `name` the trainable count of a LoRA of rank `rank`
+    on the same layers: `r` for a low-rank-only preset, half the rank to each part for a preset
+    with a low-rank part of its own (`r=rank // 2` next to `equivalent_rank=rank`), else
+    `equivalent_rank`. Comparisons with LoRA (the quickstart, the benchmarks) start here."""
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
+    if rank < 2:
+        raise ValueError(f"rank={rank} is too small to share between a sparse and a low-rank part; use rank >= 2")
+    preset = METHODS[name].defaults
+    if preset.get("structure") == "none":
+        return dict(r=rank)
+    if preset.get("r"):
+        return dict(r=rank // 2, equivalent_rank=rank)
+    return dict(equivalent_rank=rank)
+
