@@ -12,10 +12,64 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .delta import FROZEN_NAMES, FROZEN_SLOTS, INDEX_NAMES, INDICES, PARAMETER_NAMES, check_stored
+from .delta import FROZEN_NAMES, FROZEN_SLOTS, FROZEN_VALUES, INDEX_NAMES, INDICES, PARAMETER_NAMES, VALUES, check_stored
 
 
 KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES) | set(FROZEN_NAMES)
+# In files, frozen slots (SaRA's progressive step) are one bit per value, and their values sit in
+# `sparse_values` itself: 1/8 byte per entry instead of an int32 slot and a second value.
+FROZEN_MASK = "sparse_frozen_mask"
+
+
+def _siblings(key: str, attr: str):
+    """For `<layer>.<attr><suffix>` (suffix: "" or ".<adapter name>"): a function naming `<layer>.<other><suffix>`."""
+    layer, _, suffix = key.rpartition("." + attr)
+    return lambda other: f"{layer}.{other}{suffix}"
+
+
+def pack_frozen(state_dict: dict) -> dict:
+    """The state as the model holds it (frozen slots as int32 positions plus their values) -> as files hold it."""
+    out = dict(state_dict)
+    for key in state_dict:
+        if "." + FROZEN_SLOTS not in key:  # keys end in the attribute, or in the attribute and the adapter name
+            continue
+        name = _siblings(key, FROZEN_SLOTS)
+        slots = out.pop(key).long()
+        values = out[name(VALUES)].clone()
+        values[slots] = out.pop(name(FROZEN_VALUES)).to(values.dtype)
+        bits = torch.zeros(-(-values.numel() // 8) * 8, dtype=torch.uint8, device=values.device)
+        bits[slots] = 1
+        weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
+        out[name(VALUES)] = values
+        out[name(FROZEN_MASK)] = (bits.view(-1, 8) * weights).sum(1, dtype=torch.uint8)
+    return out
+
+
+def unpack_frozen(state_dict: dict) -> dict:
+    """The inverse of `pack_frozen`, checking the mask. Files in the older layout (slots and values) pass unchanged."""
+    out = dict(state_dict)
+    for key in state_dict:
+        if "." + FROZEN_MASK not in key:
+            continue
+        name = _siblings(key, FROZEN_MASK)
+        layer = key.rpartition("." + FROZEN_MASK)[0]
+        mask, values = out.pop(key), out.get(name(VALUES))
+        if values is None:
+            raise ValueError(f"{layer}: {FROZEN_MASK} without {VALUES}; the file is corrupt")
+        n = values.numel()
+        if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != -(-n // 8):
+            raise ValueError(f"{layer}: {FROZEN_MASK} must be {-(-n // 8)} uint8 bytes (one bit per value), "
+                             f"not {mask.dtype} of shape {tuple(mask.shape)}; the file is corrupt")
+        bits = ((mask[:, None] >> torch.arange(8, dtype=torch.uint8, device=mask.device)) & 1).reshape(-1)
+        if bits[n:].any():
+            raise ValueError(f"{layer}: {FROZEN_MASK} marks slots past the {n} values; the file is corrupt")
+        slots = torch.nonzero(bits[:n]).squeeze(1)
+        values = values.clone()
+        out[name(FROZEN_VALUES)] = values[slots]
+        values[slots] = 0  # the trainable tensor holds zeros at frozen slots (see Delta.effective_values)
+        out[name(VALUES)] = values
+        out[name(FROZEN_SLOTS)] = slots.to(torch.int32)
+    return out
 
 
 def _split(state_dict, layer_names, prefix):

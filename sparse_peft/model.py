@@ -346,13 +346,14 @@ class SparseModel(BaseTuner):
         if getattr(config, "store_indices", True) is False:
             # SLTrain: the support is regenerated from the seed at load time, so the file holds values only
             state_dict = {k: v for k, v in state_dict.items() if f".{INDICES}." not in k and not k.endswith(f".{INDICES}")}
-        return state_dict
+        return hub.pack_frozen(state_dict)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        hub.add_optional_buffers(model, adapter_name, state_dict, cls.prefix)  # so that PEFT maps their keys too
-        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         try:
+            state_dict = hub.unpack_frozen(state_dict)
+            hub.add_optional_buffers(model, adapter_name, state_dict, cls.prefix)  # so that PEFT maps their keys too
+            state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
             hub.check_and_fit(model, adapter_name, state_dict, cls.prefix, config)
         except ValueError:
             _discard_adapter(model, adapter_name)

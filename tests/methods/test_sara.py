@@ -216,3 +216,72 @@ def test_sara_config_checks():
     model = get_peft_model(tiny_llama(), SparseConfig(method="sara", target_modules="all-linear"))
     with pytest.raises(ValueError, match="total number of optimizer steps"):
         SparseScheduler(model, None, total_steps=None)
+
+
+def _frozen_state(model):
+    return {n: (m.sparse_frozen_slots["default"].clone(), m.sparse_frozen_values["default"].clone(),
+                m.sparse_values["default"].detach().clone()) for n, m in _adapted(model).items()}
+
+
+def test_files_hold_frozen_slots_as_one_bit_per_value_and_reload_them_exactly(tmp_path):
+    from safetensors.torch import load_file
+
+    config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=2)
+    model, _, _ = _train(config, steps=4)
+    model.save_pretrained(str(tmp_path))
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert not any("frozen_slots" in k or "frozen_values" in k for k in tensors)
+    masks = {k: t for k, t in tensors.items() if k.endswith("sparse_frozen_mask")}
+    assert masks and all(t.dtype == torch.uint8 for t in masks.values())
+    for key, mask in masks.items():
+        values = tensors[key.replace("sparse_frozen_mask", "sparse_values")]
+        assert mask.numel() == (values.numel() + 7) // 8
+    # the frozen values are in sparse_values, where the trainable tensor holds zeros
+    before = _frozen_state(model)
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    after = _frozen_state(loaded)
+    assert before.keys() == after.keys()
+    for name in before:
+        for b, a in zip(before[name], after[name]):
+            assert torch.equal(b, a.to(b.dtype)), name
+
+
+def test_files_in_the_older_layout_with_frozen_slots_and_values_still_load(tmp_path, monkeypatch):
+    from sparse_peft import hub
+
+    config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=2)
+    model, _, _ = _train(config, steps=4)
+    model.eval()
+    monkeypatch.setattr(hub, "pack_frozen", lambda state_dict: state_dict)  # write as versions before 0.x did
+    model.save_pretrained(str(tmp_path))
+    monkeypatch.undo()
+    x = torch.randint(0, 128, (2, 9))
+    loaded = PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("damage", ["length", "dtype", "padding"])
+def test_a_corrupt_frozen_mask_is_refused_and_the_model_left_as_it_was(tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=2)
+    model, _, _ = _train(config, steps=4)
+    model.save_pretrained(str(tmp_path))
+    path = str(tmp_path / "adapter_model.safetensors")
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("sparse_frozen_mask"))
+    mask = tensors[key]
+    n = tensors[key.replace("sparse_frozen_mask", "sparse_values")].numel()
+    if damage == "length":
+        tensors[key] = mask[:-1]
+    elif damage == "dtype":
+        tensors[key] = mask.to(torch.int32)
+    else:
+        assert n % 8, "the test needs a partly used last byte"
+        tensors[key] = mask.clone()
+        tensors[key][-1] |= 0x80
+    save_file(tensors, path)
+    base = tiny_llama()
+    with pytest.raises(ValueError, match="sparse_frozen_mask"):
+        PeftModel.from_pretrained(base, str(tmp_path))
+    assert not any(isinstance(m, SparseLayer) for m in base.modules())
