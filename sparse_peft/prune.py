@@ -68,7 +68,11 @@ def prune(
     layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLayer) and adapter in m._all_available_adapter_names()}
     if not layers:
         raise ValueError(f"the model has no layers with adapter {adapter!r} to prune")
-    deltas = {n: m.get_delta(adapter).dense(torch.float32) for n, m in layers.items()}
+    if sparsity is not None and not 0 < sparsity < 1:
+        raise ValueError(f"sparsity={sparsity!r} must be in (0, 1)")
+    # Deltas are views on the adapter's tensors, which they keep alive past the merge: a dense ΔW is
+    # built for one layer at a time, when needed, never for all of them at once.
+    deltas = {n: m.get_delta(adapter) for n, m in layers.items()}
     bases = {n: m.get_base_layer() for n, m in layers.items()}
     if heads_per_layer is not None:
         heads = _heads_to_prune(model, layers, deltas, heads_per_layer)
@@ -77,29 +81,51 @@ def prune(
     weights = {n: layers[n]._as_2d(bases[n].weight.data) for n in layers}
 
     if sparsity is not None:
-        if not 0 < sparsity < 1:
-            raise ValueError(f"sparsity={sparsity!r} must be in (0, 1)")
-        scores = {n: (deltas[n] if score == "delta" else weights[n].float()).abs() for n in layers}
-        pooled = torch.cat([s.reshape(-1).cpu() for s in scores.values()])
-        k = int(sparsity * pooled.numel())
+        def scores(n):
+            return (deltas[n].dense(torch.float32) if score == "delta" else weights[n].float()).abs()
+
+        k = int(sparsity * sum(w.numel() for w in weights.values()))
         if k:
-            cut = torch.kthvalue(pooled, k).values
-            # ties at the cut are broken by order, so exactly k entries go
-            budget = k - int((pooled < cut).sum())
-            for n, s in scores.items():
-                below, at = s < cut, s == cut
-                take = min(budget, int(at.sum()))
-                if take:
-                    at_idx = at.reshape(-1).nonzero().squeeze(1)[:take]
-                    below.view(-1)[at_idx] = True
-                    budget -= take
-                weights[n][below.to(weights[n].device)] = 0
+            cut, below = _kth_smallest(scores, list(weights), k)
+            budget = k - below  # entries equal to the cut that go too: the first ones, layer by layer
+            for n in weights:
+                s = scores(n)
+                drop = s < cut
+                if budget:
+                    at = (s == cut).reshape(-1).nonzero().squeeze(1)[:budget]
+                    drop.view(-1)[at] = True
+                    budget -= at.numel()
+                weights[n][drop.to(weights[n].device)] = 0
         return model, _report("unstructured", weights.values())
     for n, cols in heads.items():
         weights[n][:, cols.to(weights[n].device)] = 0
     head_dim = architectures.head_dim(_model_config(model))
     pruned = {n: sorted(set((cols // head_dim).tolist())) for n, cols in heads.items()}
     return model, _report("heads", [weights[n] for n in heads], pruned)
+
+
+def _kth_smallest(scores, names: list[str], k: int) -> tuple[torch.Tensor, int]:
+    """The k-th smallest (1-based) of all layers' scores, and how many scores lie strictly below it.
+
+    `scores(name)` gives one layer's non-negative float32 scores; layers are visited one at a time, so
+    memory is one layer's scores, not all of them (a pooled copy of a 7B model's would be 28 GB).
+    Radix selection on the float32 bit patterns, which order non-negative floats as integers: four
+    passes, each a 256-bucket histogram of the next byte among the entries that match the bytes fixed
+    so far. Exact, ties included.
+    """
+    prefix, below = 0, 0
+    for shift in (24, 16, 8, 0):
+        counts = torch.zeros(256, dtype=torch.int64)
+        for n in names:
+            bits = scores(n).reshape(-1).view(torch.int32)
+            if shift < 24:
+                bits = bits[(bits >> (shift + 8)) == (prefix >> (shift + 8))]
+            counts += torch.bincount((bits >> shift) & 255, minlength=256).cpu()
+        cumulative = counts.cumsum(0)
+        byte = int(torch.searchsorted(cumulative, k - below))
+        below += int(cumulative[byte - 1]) if byte else 0
+        prefix |= byte << shift
+    return torch.tensor([prefix], dtype=torch.int32).view(torch.float32)[0], below
 
 
 def _model_config(model) -> dict:
@@ -122,10 +148,11 @@ def _heads_to_prune(model, layers: dict, deltas: dict, per_layer: int) -> dict[s
         raise ValueError(f"heads_per_layer={per_layer} must be between 1 and {n_heads - 1}")
     chosen = {}
     for name in outputs:
-        importance = deltas[name].abs().reshape(deltas[name].shape[0], n_heads, head_dim).sum(dim=(0, 2))
+        out = deltas[name].dense(torch.float32).abs()
+        importance = out.reshape(out.shape[0], n_heads, head_dim).sum(dim=(0, 2))
         value = name[: -len(roles.attention_output)] + roles.value if roles.value else None
         if value in deltas:
-            per_kv = deltas[value].abs().reshape(n_kv, head_dim, -1).sum(dim=(1, 2))
+            per_kv = deltas[value].dense(torch.float32).abs().reshape(n_kv, head_dim, -1).sum(dim=(1, 2))
             importance = importance + per_kv[torch.arange(n_heads) // (n_heads // n_kv)]
         heads = torch.topk(importance, per_layer, largest=False).indices.sort().values
         chosen[name] = (heads[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)

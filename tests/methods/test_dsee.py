@@ -150,6 +150,7 @@ def test_prune_refuses_unclear_requests():
         sparse_peft.prune(model, sparsity=0.5, score="abs")
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         sparse_peft.prune(model, sparsity=1.5)
+    assert _adapted(model)  # refused before anything was merged
 
 
 def test_config_refuses_residual_rule_on_structured_supports():
@@ -157,3 +158,55 @@ def test_config_refuses_residual_rule_on_structured_supports():
         SparseConfig(selection="lowrank_residual", structure="columns")
     with pytest.raises(ValueError, match="residual_rank"):
         SparseConfig(method="dsee", residual_rank=0)
+
+
+def _tied_llama():
+    # merged weights with many exact ties: a coarse grid, and a zero update
+    base = tiny_llama()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.round(p * 8) / 8)
+    return get_peft_model(base, SparseConfig(method="dsee", target_modules="all-linear"))
+
+
+@pytest.mark.parametrize("score", ["merged", "delta"])
+def test_pruning_removes_exactly_k_weights_ties_first_in_layer_order(score):
+    model = _tied_llama()  # delta: ΔW is zero everywhere, one big tie
+    layers = _adapted(model)
+    merged = {n: (m.get_base_layer().weight + m.get_delta("default").dense()).detach().reshape(-1) for n, m in layers.items()}
+    scores = {n: (m.get_delta("default").dense().detach().abs().reshape(-1) if score == "delta" else merged[n].abs())
+              for n, m in layers.items()}
+    pooled = torch.cat(list(scores.values()))
+    k = int(0.4 * pooled.numel())
+    assert int((pooled == pooled.kthvalue(k).values).sum()) > 1  # the cut falls on a tie
+    # the reference: a stable sort of the pooled scores, layer by layer, keeps the first k
+    drop = torch.zeros(pooled.numel(), dtype=torch.bool)
+    drop[torch.sort(pooled, stable=True).indices[:k]] = True
+    pruned, report = sparse_peft.prune(model, sparsity=0.4, score=score)
+    start = 0
+    for name, s in scores.items():
+        w = pruned.get_submodule(name.removeprefix("base_model.model.")).weight.reshape(-1)
+        expected = drop[start : start + s.numel()]
+        start += s.numel()
+        assert torch.equal(w == 0, expected | (merged[name] == 0)), name  # weights already zero stay zero
+
+
+def test_pruning_holds_one_layers_scores_at_a_time():
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class Largest(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    Largest.largest = max(Largest.largest, t.numel())
+            return out
+
+    model = _trained_llama()
+    biggest = max(m.get_base_layer().weight.numel() for m in _adapted(model).values())
+    with Largest():
+        sparse_peft.prune(model, sparsity=0.5)
+    assert Largest.largest <= biggest  # no pooled copy of all the layers' scores
