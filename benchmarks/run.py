@@ -512,7 +512,8 @@ def ggpo_overhead_rows(base, budget: Budget, train: torch.Tensor, args) -> list[
     rows = []
     for batch in (1, 2) if args.quick else (1, 2, 4, 8):
         g = torch.Generator().manual_seed(3)
-        batches = [windows(train, batch, args.seq, g).to(args.device) for _ in range(args.gc_steps + WARMUP)]
+        # three times the checkpointed rows' steps: the two differ by a few percent, under CPU timing noise
+        batches = [windows(train, batch, args.seq, g).to(args.device) for _ in range(3 * args.gc_steps + WARMUP)]
         setups = [Setup(spec, args) for spec in group]
         for s in setups:
             s.attempt(s.build, base, budget, batches, len(batches))
@@ -707,7 +708,7 @@ With few tokens per forward an unstructured update is a gather over its support 
 
 ## LoRA-GGPO's overhead and tokens per micro-batch
 
-PEFT LoRA and `lora_ggpo` (same rank, same batches, taking turns), median step over {args.gc_steps} steps after
+PEFT LoRA and `lora_ggpo` (same rank, same batches, taking turns), median step over {3 * args.gc_steps} steps after
 {WARMUP} warm-up steps, at several batch sizes of {args.seq}-token sequences. GGPO's noise is one Gaussian draw of
 out × in per layer in the forward and one in the backward, a cost per weight; the GEMMs cost per token.
 The LoRA update is folded into the noisy scratch weight (one GEMM per pass, no per-token LoRA products
