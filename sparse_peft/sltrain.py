@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import torch
 import torch.nn as nn

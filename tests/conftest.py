@@ -93,3 +93,30 @@ def case(request):
     factory, make_input, targets = CUSTOM_MODELS[request.param]
     torch.manual_seed(0)
     return request.param, factory, make_input(), targets
+
+
+def trainer_run_and_resume(tmp_path, config_fn, examples: int, max_steps: int, save_steps: int):
+    """Trains a tiny Llama with the HF Trainer and SparseCallback twice: straight through (which also
+    writes checkpoint-`save_steps`), then resumed from that checkpoint. Returns both runs' sparse_ tensors."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from sparse_peft import SparseCallback
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (examples, 12))]
+        model = get_peft_model(tiny_llama().train(), config_fn())
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=max_steps, learning_rate=1e-2,
+            save_strategy="steps", save_steps=save_steps, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+            lr_scheduler_type="constant",
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=data)
+        SparseCallback.attach(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return {k: v.clone() for k, v in model.state_dict().items() if "sparse_" in k}
+
+    full = run()
+    return full, run(resume=str(tmp_path / "run" / f"checkpoint-{save_steps}"))
+

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
 from peft import get_peft_model
 
-import sparse_peft
 from sparse_peft import SparseConfig, SparseLayer
 
 

@@ -162,25 +162,13 @@ def test_ggpo_refuses_a_config_without_low_rank_part():
 def test_resuming_from_a_trainer_checkpoint_matches_the_uninterrupted_run(tmp_path):
     # the noise after the checkpoint has the interrupted run's seed and scale (the scale came from
     # gradients that the checkpoint does not hold, so the scheduler's state keeps it)
-    from transformers import Trainer, TrainingArguments
+    from ..conftest import trainer_run_and_resume
 
-    def run(out, resume=None):
-        torch.manual_seed(0)
-        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (24, 12))]
-        config = SparseConfig(method="lora_ggpo", target_modules="all-linear", perturbation_sigma=0.3, perturbation_beta=1.0)
-        model = get_peft_model(tiny_llama().train(), config)
-        args = TrainingArguments(
-            output_dir=str(out), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
-            save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-            lr_scheduler_type="constant",
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=data)
-        SparseCallback.attach(trainer)
-        trainer.train(resume_from_checkpoint=resume)
-        return {k: v.clone() for k, v in model.state_dict().items() if "sparse_" in k}
-
-    full = run(tmp_path / "run")  # also writes checkpoint-3, as an interrupted run would have
-    resumed = run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-3"))
+    full, resumed = trainer_run_and_resume(
+        tmp_path,
+        lambda: SparseConfig(method="lora_ggpo", target_modules="all-linear", perturbation_sigma=0.3, perturbation_beta=1.0),
+        examples=24, max_steps=6, save_steps=3,
+    )
     assert full.keys() == resumed.keys() and full
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)

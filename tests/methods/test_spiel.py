@@ -285,27 +285,13 @@ def test_tiny_llama_learns_more_with_regrowth_than_with_a_fixed_support():
 @pytest.mark.parametrize("regrowth", ["gradient", "momentum"])
 def test_resuming_from_a_trainer_checkpoint_matches_the_uninterrupted_run(tmp_path, regrowth):
     """Checkpoint at step 5, inside an accumulation window (R=4, A=3: windows 1-3 and 5-7)."""
-    from transformers import Trainer, TrainingArguments
+    from ..conftest import trainer_run_and_resume
 
-    from ..conftest import tiny_llama
-
-    def run(out, resume=None):
-        torch.manual_seed(0)
-        data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 128, (32, 12))]
-        config = SparseConfig(target_modules="all-linear", density=0.05, reselection_steps=4, accumulation_steps=3, regrowth=regrowth)
-        model = get_peft_model(tiny_llama().train(), config)
-        args = TrainingArguments(
-            output_dir=str(out), per_device_train_batch_size=4, max_steps=8, learning_rate=1e-2,
-            save_strategy="steps", save_steps=5, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
-            lr_scheduler_type="constant",
-        )
-        trainer = Trainer(model=model, args=args, train_dataset=data)
-        sparse_peft.SparseCallback.attach(trainer)
-        trainer.train(resume_from_checkpoint=resume)
-        return {k: v.clone() for k, v in model.state_dict().items() if "sparse_" in k}
-
-    full = run(tmp_path / "run")  # also writes checkpoint-5, as an interrupted run would have
-    resumed = run(tmp_path / "run", resume=str(tmp_path / "run" / "checkpoint-5"))
+    full, resumed = trainer_run_and_resume(
+        tmp_path,
+        lambda: SparseConfig(target_modules="all-linear", density=0.05, reselection_steps=4, accumulation_steps=3, regrowth=regrowth),
+        examples=32, max_steps=8, save_steps=5,
+    )
     for key in full:
         assert torch.allclose(full[key].float(), resumed[key].float(), atol=1e-6), key
 
