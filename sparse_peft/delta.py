@@ -136,9 +136,9 @@ class Delta:
         if self.values is not None:
             weight.index_put_(self.rows_cols(), (sign * self.effective_values()).to(dtype), accumulate=True)
         if self.row_block is not None:
-            weight.index_add_(0, self.row_index, (sign * self._scaled(self.row_block)).to(dtype))
+            weight.index_add_(0, self.row_index.long(), (sign * self._scaled(self.row_block)).to(dtype))
         if self.col_block is not None:
-            weight.index_add_(1, self.col_index, (sign * self._scaled(self.col_block)).to(dtype))
+            weight.index_add_(1, self.col_index.long(), (sign * self._scaled(self.col_block)).to(dtype))
         if self.lora_A is not None:
             weight.add_(((sign * self.scaling) * (self.lora_B @ self.lora_A)).to(dtype))
         return weight

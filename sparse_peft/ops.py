@@ -121,7 +121,7 @@ def _times_delta(a, values, indices, shape, transpose: bool, mode: str) -> torch
     if mode == "gather":
         rows, cols = split_flat(indices, in_features)
         src, dst = (rows, cols) if transpose else (cols, rows)
-        # int64 indices: index_add_ with int32 ones is up to 30x slower on CPU (torch 2.13)
+        # int64 indices: index_add_ with int32 ones is up to 30x slower on CPU (torch 2.13, many repeats)
         result = a.new_zeros((a.shape[0], in_features if transpose else out_features))
         return result.index_add_(1, dst, a.index_select(1, src) * values)
     if mode == "sparse":
@@ -265,7 +265,8 @@ class RowLinear(Function):
         if span is not None:  # the rows are one contiguous range: slice instead of scatter
             y[:, span[0] : span[1]] = x2.to(block.dtype) @ block.t()
         else:
-            y.index_add_(1, rows, x2.to(block.dtype) @ block.t())  # rows are unique: a copy
+            # rows are unique: a copy. int64 indices: with int32 ones index_add_ runs 3-13x slower on CPU
+            y.index_add_(1, rows.long(), x2.to(block.dtype) @ block.t())
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, block, rows)
         ctx.x_meta, ctx.span = (x.shape, x.dtype), span
         return y.reshape(*x.shape[:-1], out_features)
@@ -316,7 +317,7 @@ class ColumnLinear(Function):
             if ctx.span is not None:
                 dx2[:, ctx.span[0] : ctx.span[1]] = part
             else:
-                dx2.index_add_(1, cols, part)
+                dx2.index_add_(1, cols.long(), part)  # int64: see RowLinear
             dx = dx2.reshape(x_shape)
         if ctx.needs_input_grad[1]:
             dblock = dy2.t() @ x_sel.to(block.dtype)
