@@ -38,7 +38,7 @@ BATCH, FT_LEN, RANK = 16, 64, 8  # fine-tuning: examples are cut to FT_LEN token
 # From a sweep on the default run (200 steps; eval loss 2.30 before fine-tuning), eval loss after:
 #   LoRA   1e-3: 2.08   5e-3: 1.92   1e-2: 1.86   2e-2: 1.82   5e-2: 3.02 (diverged)
 #   SpIEL  5e-3: 1.86   1e-2: 1.82   1.5e-2: 1.82   2e-2: 1.84   5e-2: 2.10   1e-1: 2.44
-#   DSEE   1e-2: 1.75 (the default method since it beat LoRA here in quality and step time; not swept)
+#   DSEE   1e-2: 1.75 (the default method since it beat LoRA's eval loss here; not swept)
 # Runs this short favour large rates; each method gets its best. The sweep predates regrown entries taking
 # the kept entries' mean Adam second moment; then, regrowth wanted a smaller rate than a fixed support
 # (reselection_steps=0 was best at 5e-2: 1.77).
