@@ -251,8 +251,8 @@ class SparseLayer(BaseTunerLayer):
     def _span(self, indices: Optional[torch.Tensor]) -> Optional[tuple[int, int]]:
         """Whether a row/column index buffer is one contiguous range, cached until the buffer changes
         (in-place writes bump its version), so the check syncs with the device once, not every forward."""
-        if indices is None:
-            return None
+        if indices is None or torch.compiler.is_compiling():
+            return None  # the span is only a shortcut; reading it would break a compiled graph
         cache = self.__dict__.setdefault("_sparse_spans", {})
         hit = cache.get(id(indices))
         # the entry holds the tensor itself, so its id cannot be reused by another tensor while cached
