@@ -87,9 +87,10 @@ def row_blocks(indices: torch.Tensor, out_features: int, in_features: int, every
     `every_block` (a caller that needs the whole dense gradient, e.g. for a low-rank part).
     """
     step = max(1, _BLOCK_ELEMENTS // in_features)
-    if step >= out_features:
-        # one block: its bounds are known without looking at the indices (no host sync on a GPU,
-        # no data-dependent graph break under torch.compile)
+    if step >= out_features or torch.compiler.is_compiling():
+        # One block: its bounds are known without looking at the indices (no host sync on a GPU).
+        # Under torch.compile every layer is one block, as the bounds of several would break the
+        # graph: the transient is then a whole out×in block, like the fused path's scratch weight.
         yield 0, out_features, 0, indices.numel(), indices.long()
         return
     starts = torch.arange(0, out_features + step, step, device=indices.device).clamp_(max=out_features)
