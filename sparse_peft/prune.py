@@ -82,7 +82,9 @@ def prune(
 
     if sparsity is not None:
         def scores(n):
-            return (deltas[n].dense(torch.float32) if score == "delta" else weights[n].float()).abs()
+            # contiguous: a Conv1D weight is seen through a transposed view, and the masks below are
+            # indexed in row-major order
+            return (deltas[n].dense(torch.float32) if score == "delta" else weights[n].float()).abs().contiguous()
 
         k = int(sparsity * sum(w.numel() for w in weights.values()))
         if k:

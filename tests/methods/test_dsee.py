@@ -210,3 +210,19 @@ def test_pruning_holds_one_layers_scores_at_a_time():
     with Largest():
         sparse_peft.prune(model, sparsity=0.5)
     assert Largest.largest <= biggest  # no pooled copy of all the layers' scores
+
+
+def test_pruning_gpt2_conv1d_layers_with_ties():
+    # Conv1D weights are (in × out): seen through a transposed view; the cut must still be exact
+    from ..conftest import tiny_gpt2
+
+    base = tiny_gpt2()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.copy_(torch.round(p * 256) / 256)  # init std 0.02: about 5 steps of the grid, many ties
+    model = get_peft_model(base, SparseConfig(method="dsee", target_modules=["c_attn", "c_fc"]))
+    weights = [m.get_base_layer().weight for m in _adapted(model).values()]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) < 0.4 * total  # the zeros alone do not reach the cut
+    pruned, report = sparse_peft.prune(model, sparsity=0.4)
+    assert report.total == total and report.zeros == int(0.4 * total)
