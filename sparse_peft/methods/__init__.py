@@ -37,12 +37,14 @@ def lora_budget(name: str, rank: int) -> dict:
     `equivalent_rank`. Comparisons with LoRA (the quickstart, the benchmarks) start here."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
-    if rank < 2:
-        raise ValueError(f"rank={rank} is too small to share between a sparse and a low-rank part; use rank >= 2")
+    if rank < 1:
+        raise ValueError(f"rank={rank} must be >= 1")
     preset = METHODS[name].defaults
     if preset.get("structure") == "none":
         return dict(r=rank)
     if preset.get("r"):
+        if rank < 2:
+            raise ValueError(f"rank={rank} is too small to share between {name}'s sparse and low-rank parts; use rank >= 2")
         return dict(r=rank // 2, equivalent_rank=rank)
     return dict(equivalent_rank=rank)
 
