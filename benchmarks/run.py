@@ -472,23 +472,24 @@ def switch_table(rows: list[dict]) -> str:
 
 def pretraining_rows(args) -> list[dict]:
     """SLTrain's own setting: training from scratch, every block linear W = (α/r)·B·A + S against a
-    full-rank model of the same shape (paper: r = hidden/4, δ = 0.03). Same batches, a few steps."""
+    full-rank model of the same shape (paper: r = hidden/4, δ = 0.03). Same batches, the two models
+    taking turns step by step (a burst of load slows both alike), median over 3 × --gc-steps steps."""
     from sparse_peft import sltrain
 
     g = torch.Generator().manual_seed(2)
     code = corpora()[0]
-    batches = [windows(code, args.batch, args.seq, g).to(args.device) for _ in range(args.gc_steps + WARMUP)]
+    batches = [windows(code, args.batch, args.seq, g).to(args.device) for _ in range(3 * args.gc_steps + WARMUP)]
     rank = args.hidden // 4
-    rows = []
+    runs = []
     for name, convert in (("full-rank", None),
                           (f"SLTrain r={rank}, δ=0.03", lambda m: sltrain.convert(m, rank=rank, density=0.03, alpha=32))):
         model = build_base(args)
         if convert is not None:
             convert(model)
         model = model.to(args.device).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR)
-        times = []
-        for ids in batches:
+        runs.append((name, model, torch.optim.AdamW(model.parameters(), lr=PRETRAIN_LR), []))
+    for ids in batches:
+        for _, model, opt, times in runs:
             start = time.perf_counter()
             model(input_ids=ids, labels=ids).loss.backward()
             opt.step()
@@ -496,6 +497,8 @@ def pretraining_rows(args) -> list[dict]:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+    rows = []
+    for name, model, opt, times in runs:
         saved = saved_bytes(lambda: model(input_ids=batches[0], labels=batches[0]).loss, model)
         state = sum(p.nbytes + p.grad.nbytes for p in model.parameters())
         state += sum(t.nbytes for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
@@ -561,7 +564,7 @@ def decode_rows(args) -> list[dict]:
         models[name] = model
     times = {name: [] for name in models}
     with torch.no_grad():
-        for round_ in range(4):  # the first round warms up; the setups take turns
+        for round_ in range(8):  # the first round warms up; the setups take turns (decoding times swing ±20%)
             for name, model in models.items():
                 start = time.perf_counter()
                 model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -699,7 +702,7 @@ values (`index_put_` / `index_add_`).
 ## Decoding with the adapter unmerged
 
 Greedy generation of one sequence, one token per forward (a 16-token prompt, then the timed new
-tokens; median of 3 rounds after a warm-up, the setups taking turns), with each adapter left
+tokens; median of 7 rounds after a warm-up, the setups taking turns), with each adapter left
 unmerged as in an evaluation loop or an RL rollout; merged, every adapter runs at the base's speed.
 With few tokens per forward an unstructured update is a gather over its support and a scatter-add
 (`ops.product_mode`), not a scratch copy of the weight; a low-rank part is two thin products.
@@ -721,7 +724,8 @@ bandwidth-bound Philox kernel.
 
 SLTrain's own setting (`sparse_peft.sltrain.convert`): the same model shape trained from random
 weights, every block linear replaced by (α/r)·B·A + S, against the plain full-rank model; embeddings,
-norms and the output head stay dense in both. AdamW on every parameter, the same batches. The saving
+norms and the output head stay dense in both. AdamW on every parameter, the same batches, the two
+models taking turns step by step; step is the median over {3 * args.gc_steps} steps after {WARMUP} warm-up steps. The saving
 is in weights, gradients and optimizer state; activations are the same (each layer still keeps its
 input). Quality at matched size is in `examples/sltrain/pretrain.py`.
 
