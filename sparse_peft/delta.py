@@ -73,6 +73,11 @@ class Delta:
         return self.values is None and self.row_block is None and self.col_block is None and self.lora_A is None
 
     @property
+    def reference(self) -> torch.Tensor:
+        """The first stored trainable tensor: the dtype and device new tensors of this update take."""
+        return next(t for t in (self.values, self.row_block, self.col_block, self.lora_A) if t is not None)
+
+    @property
     def is_low_rank_only(self) -> bool:
         """Only scaling · B · A: no sparse part (an empty unstructured one counts as none)."""
         sparse = (self.values is not None and self.values.numel() > 0) or self.row_block is not None or self.col_block is not None
@@ -94,7 +99,7 @@ class Delta:
     def sparse_entries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sparse part (values, rows, columns) as (flat row-major int64 positions, values), scaled
         as applied. Positions may repeat across parts; the sum over repeats is the update there."""
-        ref = next(t for t in (self.values, self.row_block, self.col_block, self.lora_A) if t is not None)
+        ref = self.reference
         arange = lambda n: torch.arange(n, device=ref.device)  # noqa: E731
         positions, values = [ref.new_zeros(0, dtype=torch.int64)], [ref.new_zeros(0)]
         if self.values is not None:
@@ -145,7 +150,7 @@ class Delta:
 
     def dense(self, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:
         """ΔW as a dense (out × in) tensor; differentiable with respect to the trainable parts."""
-        ref = next(t for t in (self.values, self.row_block, self.col_block, self.lora_A) if t is not None)
+        ref = self.reference
         weight = torch.zeros(
             self.out_features, self.in_features, dtype=dtype or ref.dtype, device=device or ref.device
         )

@@ -363,8 +363,7 @@ class SparseModel(BaseTuner):
 
 def _combine(deltas, out_features: int, in_features: int):
     """Σ w · Δ on one layer: (sorted unique positions, summed values, stacked A, stacked w·s·B)."""
-    ref = next(t for t in (deltas[0][1].values, deltas[0][1].row_block, deltas[0][1].col_block, deltas[0][1].lora_A)
-               if t is not None)
+    ref = deltas[0][1].reference
     positions, values, lora_a, lora_b = [], [], [ref.new_zeros(0, in_features)], [ref.new_zeros(out_features, 0)]
     for w, delta in deltas:
         p, v = delta.sparse_entries()

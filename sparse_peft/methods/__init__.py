@@ -47,4 +47,3 @@ def lora_budget(name: str, rank: int) -> dict:
             raise ValueError(f"rank={rank} is too small to share between {name}'s sparse and low-rank parts; use rank >= 2")
         return dict(r=rank // 2, equivalent_rank=rank)
     return dict(equivalent_rank=rank)
-
