@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .delta import Delta
 from .prng import seed_for, seeded_subset
 
 
@@ -66,10 +67,7 @@ class SLTrainLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n_tokens = x.numel() // x.shape[-1]
         if ops.product_mode(n_tokens, self.values.numel(), self.out_features, self.in_features) == "gather":
-            # few tokens (decoding): a gather over the support and two thin products
-            y = ops.sparse_linear(x, self.values, self.indices, self.out_features)
-            if self.lora_A is not None:
-                y = y + ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling)
+            y = self._delta().apply(x)  # few tokens (decoding): a gather over the support and two thin products
         else:
             # one GEMM per pass on a scratch (α/r)·B·A + S, as full rank costs, plus the scratch.
             # The op adds the update to a frozen base it copies; here the base is zero: an
@@ -79,14 +77,14 @@ class SLTrainLinear(nn.Module):
                                          None, self.lora_A, self.lora_B, self.scaling)
         return y if self.bias is None else y + self.bias
 
+    def _delta(self) -> Delta:
+        # the same update an SLTrain adapter holds: the core's math applies and densifies it
+        return Delta(self.out_features, self.in_features, values=self.values, indices=self.indices,
+                     lora_A=self.lora_A, lora_B=self.lora_B, scaling=self.scaling)
+
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        weight = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype, device=self.values.device)
-        if self.lora_A is not None:
-            weight += self.scaling * self.lora_B @ self.lora_A
-        rows, cols = ops.split_flat(self.indices, self.in_features)
-        weight.index_put_((rows, cols), self.values, accumulate=True)
-        return weight
+        return self._delta().dense()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, nnz={self.values.numel()}"
