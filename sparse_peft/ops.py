@@ -36,8 +36,8 @@ _BLOCK_ELEMENTS = 1 << 22
 SPARSE_KERNEL_BELOW_DENSITY = 0.003
 # With few tokens (decoding, small eval batches) each support entry is touched a few times: a gather
 # of x's columns and a scatter-add into y's rows, O(tokens · k), beats anything that forms out×in
-# (a dense block, a scratch W + Δ) while tokens · k ≤ GATHER_BELOW · out · in. CPU, torch 2.13, a
-# 2048² layer at 1% density and one token: 0.4 ms for the gather, 4.4 ms for the scratch weight.
+# (a dense block, a scratch W + Δ) while tokens · k ≤ GATHER_BELOW · out · in. CPU, torch 2.13, one
+# token: 2.6x faster on a 2048² layer at 1%, 0.8x on a 688 × 256 one at 4% (benchmarks/kernels.py).
 GATHER_BELOW = 1 / 16
 
 
@@ -127,7 +127,7 @@ def _times_delta(a, values, indices, shape, transpose: bool, mode: str) -> torch
     if mode == "gather":
         rows, cols = split_flat(indices, in_features)
         src, dst = (rows, cols) if transpose else (cols, rows)
-        # int64 indices: index_add_ with int32 ones is up to 30x slower on CPU (torch 2.13, many repeats)
+        # int64 indices: with repeated int32 ones index_add_ is ~25x slower on CPU (benchmarks/kernels.py)
         result = a.new_zeros((a.shape[0], in_features if transpose else out_features))
         return result.index_add_(1, dst, a.index_select(1, src) * values)
     if mode == "sparse":
@@ -271,7 +271,7 @@ class RowLinear(Function):
         if span is not None:  # the rows are one contiguous range: slice instead of scatter
             y[:, span[0] : span[1]] = x2.to(block.dtype) @ block.t()
         else:
-            # rows are unique: a copy. int64 indices: with int32 ones index_add_ runs 3-13x slower on CPU
+            # rows are unique: a copy. int64 indices: with int32 ones index_add_ is 1.6-2.6x slower on CPU
             y.index_add_(1, rows.long(), x2.to(block.dtype) @ block.t())
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, block, rows)
         ctx.x_meta, ctx.span = (x.shape, x.dtype), span

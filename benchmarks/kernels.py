@@ -1,0 +1,150 @@
+"""Layer-level timings behind three choices in sparse_peft's ops (CPU, one thread by default).
+
+    python benchmarks/kernels.py            # writes docs/kernels.md (about a minute)
+
+1. LoRA-GGPO: the LoRA update folded into the noisy scratch weight, against the noisy base layer
+   beside LoRA's own product (the path before the fold), and against plain LoRA on a frozen layer.
+2. Few tokens: the gather over an unstructured support (`ops.product_mode` "gather") against the
+   scratch W + Δ of the fused path, one token per forward, no gradient (decoding).
+3. `index_add_` along dim 1 with int32 and with int64 indices (the row/column updates' scatter).
+
+Each row is the median of many interleaved calls; ratios are within a row, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sparse_peft import ops
+from sparse_peft.perturbation import perturbed_linear
+
+
+def timed(fns: dict, rounds: int) -> dict:
+    """Median milliseconds of each function, the functions taking turns call by call."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+def ggpo_rows(rounds: int) -> list[list[str]]:
+    rows = []
+    for out_f, in_f in [(688, 256), (256, 688), (2048, 2048)]:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(out_f, in_f, generator=g) * 0.02
+        std = torch.full((out_f,), 1e-3)
+        a = torch.randn(8, in_f, generator=g).requires_grad_()
+        b = torch.randn(out_f, 8, generator=g).requires_grad_()
+        x = torch.randn(1024, in_f, generator=g, requires_grad=True)
+        dy = torch.randn(1024, out_f, generator=g)
+        ms = timed({
+            "lora": lambda: (F.linear(x, w) + ops.low_rank_linear(x, a, b, 2.0)).backward(dy),
+            "beside": lambda: (perturbed_linear(x, w, None, std, 5) + ops.low_rank_linear(x, a, b, 2.0)).backward(dy),
+            "folded": lambda: perturbed_linear(x, w, None, std, 5, a, b, 2.0).backward(dy),
+        }, rounds)
+        rows.append([f"{out_f} × {in_f}", f"{ms['lora']:.2f}", f"{ms['beside']:.2f}", f"{ms['folded']:.2f}",
+                     f"{ms['folded'] / ms['lora']:.2f}"])
+    return rows
+
+
+def gather_rows(rounds: int) -> list[list[str]]:
+    rows = []
+    for out_f, in_f, density in [(2048, 2048, 0.01), (2752, 1024, 0.03), (688, 256, 0.04)]:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(out_f, in_f, generator=g)
+        k = int(density * out_f * in_f)
+        idx = torch.randperm(out_f * in_f, generator=g)[:k].sort().values.int()
+        v = torch.randn(k, generator=g)
+        x = torch.randn(1, in_f, generator=g)
+        assert ops.product_mode(1, k, out_f, in_f) == "gather"
+        with torch.no_grad():
+            ms = timed({
+                "base": lambda: F.linear(x, w),
+                "scratch": lambda: ops.merged_sparse_linear(x, w, None, v, idx),
+                "gather": lambda: F.linear(x, w) + ops.sparse_linear(x, v, idx, out_f),
+            }, rounds)
+        rows.append([f"{out_f} × {in_f}, {density:.0%}", f"{ms['base']:.3f}", f"{ms['scratch']:.3f}",
+                     f"{ms['gather']:.3f}", f"{ms['scratch'] / ms['gather']:.1f}"])
+    return rows
+
+
+def index_add_rows(rounds: int) -> list[list[str]]:
+    rows = []
+    for n, out_f, s in [(1024, 688, 64), (1024, 4096, 256)]:
+        g = torch.Generator().manual_seed(0)
+        cols = torch.randperm(out_f, generator=g)[:s].sort().values
+        src = torch.randn(n, s, generator=g)
+        ms = timed({
+            "zeros": lambda: torch.zeros(n, out_f),
+            "int32": lambda: torch.zeros(n, out_f).index_add_(1, cols.int(), src),
+            "int64": lambda: torch.zeros(n, out_f).index_add_(1, cols, src),
+        }, rounds)
+        scatter32, scatter64 = ms["int32"] - ms["zeros"], ms["int64"] - ms["zeros"]
+        rows.append([f"{n} × {out_f}, {s} unique columns", f"{scatter32:.2f}", f"{scatter64:.2f}",
+                     f"{scatter32 / max(scatter64, 1e-6):.1f}"])
+    # the gather's scatter: one token, 1% of a 2048² layer, so each of the 2048 rows repeats ~20 times
+    g = torch.Generator().manual_seed(0)
+    rows_ = (torch.randperm(2048 * 2048, generator=g)[: 2048 * 2048 // 100].sort().values // 2048)
+    src = torch.randn(1, rows_.numel(), generator=g)
+    ms = timed({"int32": lambda: torch.zeros(1, 2048).index_add_(1, rows_.int(), src),
+                "int64": lambda: torch.zeros(1, 2048).index_add_(1, rows_, src)}, rounds)
+    rows.append([f"1 × 2048, {rows_.numel():,} repeated rows", f"{ms['int32']:.2f}", f"{ms['int64']:.2f}",
+                 f"{ms['int32'] / ms['int64']:.1f}"])
+    return rows
+
+
+def table(head: list[str], body: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in body])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=40, help="interleaved calls per function")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--out", default="docs/kernels.md")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    text = f"""# Layer-level timings
+
+Generated by `python benchmarks/kernels.py` (do not edit by hand); CPU `{platform.processor() or platform.machine()}`,
+torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} interleaved calls. Whole-model figures are in
+[benchmarks.md](benchmarks.md).
+
+## LoRA-GGPO: LoRA folded into the noisy weight (ms, forward + backward, 1,024 tokens, r = 8)
+
+*lora*: a frozen layer plus LoRA's product; *beside*: the noisy layer plus LoRA's product (the path
+before the fold); *folded*: one GEMM on W0 + ε + s·B·A. The noise is drawn twice per call either way.
+
+{table(["layer", "lora", "beside", "folded", "folded / lora"], ggpo_rows(args.rounds))}
+
+## One token, no gradient: gather against the scratch weight (ms)
+
+*base*: the frozen layer alone; *scratch*: the fused path's one GEMM on a copy of W + Δ; *gather*:
+the base GEMM plus a gather over the support and a scatter-add (what decoding now takes).
+
+{table(["layer, density", "base", "scratch", "base + gather", "scratch / gather"], gather_rows(args.rounds))}
+
+## index_add_ along dim 1: int32 against int64 indices (ms, the scatter alone)
+
+{table(["shape", "int32", "int64", "int32 / int64"], index_add_rows(args.rounds))}
+"""
+    print(text)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+
+
+if __name__ == "__main__":
+    main()
