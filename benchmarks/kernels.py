@@ -1,12 +1,15 @@
-"""Layer-level timings behind three choices in sparse_peft's ops (CPU, one thread by default).
+"""Layer-level timings behind four choices in sparse_peft's ops (CPU, one thread by default).
 
-    python benchmarks/kernels.py            # writes docs/kernels.md (about a minute)
+    python benchmarks/kernels.py                       # writes docs/kernels.md (about five minutes)
+    python benchmarks/kernels.py --only crossover      # the crossover table alone, printed
 
-1. LoRA-GGPO: the LoRA update folded into the noisy scratch weight, against the noisy base layer
+1. The unstructured update's crossover: sparse kernels (`torch.sparse.mm` and a sampled gradient)
+   against dense GEMMs on row blocks of Δ and dW, over densities (`ops.SPARSE_KERNEL_BELOW_DENSITY`).
+2. LoRA-GGPO: the LoRA update folded into the noisy scratch weight, against the noisy base layer
    beside LoRA's own product (the path before the fold), and against plain LoRA on a frozen layer.
-2. Few tokens: the gather over an unstructured support (`ops.product_mode` "gather") against the
+3. Few tokens: the gather over an unstructured support (`ops.product_mode` "gather") against the
    scratch W + Δ of the fused path, one token per forward, no gradient (decoding).
-3. `index_add_` along dim 1 with int32 and with int64 indices (the row/column updates' scatter).
+4. `index_add_` along dim 1 with int32 and with int64 indices (the row/column updates' scatter).
 
 Each row is the median of many interleaved calls; ratios are within a row, measured in the same run.
 """
@@ -14,10 +17,15 @@ Each row is the median of many interleaved calls; ratios are within a row, measu
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
+import sys
 import time
+
+# benchmarks/kernels.py would shadow the `kernels` package that transformers imports: keep this folder off the path.
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +45,78 @@ def timed(fns: dict, rounds: int) -> dict:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
+
+
+CROSSOVER_DENSITIES = (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.04)
+# (out, in, tokens): a Llama-7B-sized projection, a benchmark-wide MLP layer, a small square one
+CROSSOVER_SHAPES = ((4096, 4096, 256), (2752, 1024, 1024), (1024, 1024, 1024))
+
+
+def _forced(mode: str, fn):
+    """fn run with `ops.product_mode` forced to "sparse" or "dense" (the threshold set to always or never)."""
+    def call():
+        saved = ops.SPARSE_KERNEL_BELOW_DENSITY
+        ops.SPARSE_KERNEL_BELOW_DENSITY = 2.0 if mode == "sparse" else 0.0
+        try:
+            fn()
+        finally:
+            ops.SPARSE_KERNEL_BELOW_DENSITY = saved
+    return call
+
+
+def crossover_rows(rounds: int) -> tuple[list[list[str]], list[tuple[int, int, int, float]]]:
+    """Sparse kernels against dense row blocks, per layer and density: the unstructured update's forward and
+    backward (`ops.sparse_linear`, the general path) and the weight gradient at the support alone (`ops.grad_at`,
+    all the fused path's backward switches). Returns the table rows and, per layer, the density where
+    sparse / dense crosses 1 (geometric interpolation between the measured densities; nan if it does not)."""
+    rows, crossings = [], []
+    for out_f, in_f, n in CROSSOVER_SHAPES:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(n, in_f, generator=g, requires_grad=True)
+        dy = torch.randn(n, out_f, generator=g)
+        ratios = []
+        for density in CROSSOVER_DENSITIES:
+            k = int(density * out_f * in_f)
+            idx = torch.randperm(out_f * in_f, generator=g)[:k].sort().values.int()
+            v = torch.randn(k, generator=g).requires_grad_()
+            assert ops.product_mode(n, k, out_f, in_f) != "gather"
+            update = lambda: ops.sparse_linear(x, v, idx, out_f).backward(dy)  # noqa: E731
+            grad = lambda: ops.grad_at(dy, x.detach(), idx, torch.float32)  # noqa: E731
+            ms = timed({"sparse": _forced("sparse", update), "dense": _forced("dense", update),
+                        "grad sparse": _forced("sparse", grad), "grad dense": _forced("dense", grad)}, rounds)
+            ratio = ms["sparse"] / ms["dense"]
+            ratios.append(ratio)
+            rows.append([f"{out_f} × {in_f}, {n} tokens", f"{density:.1%}", f"{ms['sparse']:.1f}",
+                         f"{ms['dense']:.1f}", f"{ratio:.2f}", f"{ms['grad sparse']:.1f}", f"{ms['grad dense']:.1f}",
+                         f"{ms['grad sparse'] / ms['grad dense']:.2f}"])
+        crossings.append((out_f, in_f, n, _crossing(CROSSOVER_DENSITIES, ratios)))
+    return rows, crossings
+
+
+def _crossing(densities, ratios) -> float:
+    """The first density where the ratio goes from below 1 to at least 1, interpolated in log-log."""
+    for (d0, r0), (d1, r1) in zip(zip(densities, ratios), zip(densities[1:], ratios[1:])):
+        if r0 < 1 <= r1:
+            t = math.log(r0) / (math.log(r0) - math.log(r1))
+            return math.exp(math.log(d0) + t * (math.log(d1) - math.log(d0)))
+    return math.nan
+
+
+def crossover_text(rounds: int) -> str:
+    rows, crossings = crossover_rows(rounds)
+    found = ", ".join(f"{o} × {i} at {n} tokens: {c:.2%}" if c == c else f"{o} × {i} at {n} tokens: none in range"
+                      for o, i, n, c in crossings)
+    return f"""*sparse*: `torch.sparse.mm` with a COO Δ (forward and dx) and the sampled gradient (SDDMM) at the
+support; *dense*: GEMMs on blocks of whole rows of Δ and of dW (≤ 2²² entries each, built from the values
+and dropped). Each mode is forced by setting the threshold; the library picks sparse below
+`ops.SPARSE_KERNEL_BELOW_DENSITY` = {ops.SPARSE_KERNEL_BELOW_DENSITY:.2%}. *update*: `ops.sparse_linear`
+forward + backward (the general path: quantized or half-precision bases, several adapters, hooks);
+*gradient*: `ops.grad_at` alone (the fused one-GEMM path's only switch). Times in ms.
+
+{table(["layer", "density", "update sparse", "update dense", "sparse / dense", "gradient sparse", "gradient dense",
+        "sparse / dense"], rows)}
+
+Where *update* sparse / dense crosses 1 (interpolated): {found}."""
 
 
 def ggpo_rows(rounds: int) -> list[list[str]]:
@@ -112,15 +192,25 @@ def table(head: list[str], body: list[list[str]]) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=40, help="interleaved calls per function")
+    p.add_argument("--crossover-rounds", type=int, default=7,
+                   help="interleaved calls per function in the crossover table (its calls are the slow ones)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--only", choices=["crossover"], help="print one table only, write nothing")
     p.add_argument("--out", default="docs/kernels.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "crossover":
+        print(crossover_text(args.crossover_rounds))
+        return
     text = f"""# Layer-level timings
 
 Generated by `python benchmarks/kernels.py` (do not edit by hand); CPU `{platform.processor() or platform.machine()}`,
-torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} interleaved calls. Whole-model figures are in
-[benchmarks.md](benchmarks.md).
+torch {torch.__version__}, {args.threads} thread(s), median of {args.rounds} interleaved calls ({args.crossover_rounds} in the
+crossover table). Whole-model figures are in [benchmarks.md](benchmarks.md).
+
+## Unstructured update: sparse kernels against dense row blocks, by density
+
+{crossover_text(args.crossover_rounds)}
 
 ## LoRA-GGPO: LoRA folded into the noisy weight (ms, forward + backward, 1,024 tokens, r = 8)
 

@@ -19,6 +19,37 @@ Conventions shared by every function here:
   differentiated. Saving them costs nothing; an int64 copy per call would cost more than the
   rank-r activation a LoRA keeps.
 
+What each path *forms* (transients, built and dropped inside one forward or backward; none is kept
+for backward, and no frozen weight ever gets a `.grad`). N tokens, a layer of out × in, k support entries,
+B = _BLOCK_ELEMENTS = 2²² entries (16 MiB in fp32); a "block" is the rows r0:r1 of an out × in
+matrix, max(1, B // in) rows, so a layer of at most B entries is one block, all of it:
+
+- gather (`product_mode` "gather": N·k ≤ out·in/16, e.g. decoding): x's columns at the support and
+  their products, N × k, and int64 row/column indices (16 bytes per entry). Its gradient is the
+  sampled one below. Nothing of out × in.
+- sparse kernels ("sparse": density < SPARSE_KERNEL_BELOW_DENSITY): a COO Δ (int64 row/column
+  indices, sorted again for Δᵀ) and the sampled gradient (SDDMM): three N × c temporaries
+  (gathered dy, gathered x, their product) with c = min(k, B // N), i.e. ≤ 3·B entries. Nothing of
+  out × in.
+- row blocks ("dense": density ≥ SPARSE_KERNEL_BELOW_DENSITY): dense blocks of Δ (forward, dx) and
+  of dW = dyᵀx (the gradient, read at the support) of ≤ B entries each, two at once at the turn
+  from one block to the next (`_times_delta`), plus int64 block-local indices. For a layer of
+  ≤ B entries that is a dense out × in Δ and a dense out × in dW, formed and dropped (32 MiB at most
+  for larger layers, in fp32). Under torch.compile every layer is one block: out × in, unbounded.
+- fused one GEMM (`MergedSparseLinear`): a scratch copy of the whole W + Δ (+ s·B·A), out × in in
+  W's dtype, in forward and again in backward, with no bound; in backward it is still held while
+  the gradient is formed (dW blocks above the density threshold, and always with a low-rank part;
+  one block at a time, two with a low-rank part): out × in + up to 2·B entries.
+- rows / columns / low-rank (`RowLinear`, `ColumnLinear`, `LowRankLinear`): products of N × s or
+  N × r and the s × in, out × s or r × in gradients themselves. Nothing of out × in.
+Outside this module: Conv2d layers (layer.py) build a dense ΔW (out × in·kh·kw) each forward,
+which conv2d keeps for backward, and get a dense dW from conv2d's backward; LoRA-GGPO
+(perturbation.py) draws an out × in fp32 noise tensor, its scratch weight, in forward and again in
+backward; SpIEL's gradient probe forms dW in row blocks (a block and its |·|, ≤ 3·B entries at
+once) in the first backward of each window; SaRA's nuclear-norm penalty forms a dense fp32 ΔW and
+its SVD, for `nuclear_norm_layers` layers (default 1) a step.
+Measured, per path and per method: docs/memory.md, `python benchmarks/peak.py`.
+
 This module knows nothing of PEFT, configs or methods: tensors in, tensors out.
 """
 
@@ -28,11 +59,15 @@ import torch
 from torch.autograd import Function
 
 
-# Bound, in elements, on every temporary below (16 MiB in fp32): dense blocks of Δ or dW and the
-# (tokens × chunk) products of the sampled gradient.
+# Bound, in elements (16 MiB in fp32), on each dense block of Δ or dW and on each (tokens × chunk)
+# product of the sampled gradient; up to two blocks live at once. Not a bound on the fused path's
+# scratch W + Δ (`_merged`), which is a whole out×in copy (see the module docstring).
 _BLOCK_ELEMENTS = 1 << 22
 # Below this fraction of non-zeros, sparse kernels beat dense GEMMs on row blocks; above it the
-# GEMMs win although they do more FLOPs (CPU, torch 2.13: 5-17x at 1-4 %, see docs/memory.md).
+# GEMMs win although they do more FLOPs. `python benchmarks/kernels.py` (docs/kernels.md, CPU, one
+# thread, torch 2.13) times both over densities on 1024² to 4096² layers: forward + backward break
+# even at 0.24-0.40 % (two runs); at 1 % the row blocks are 2.2-3.4x faster, at 4 % 7-12x; at 0.1 %
+# the sparse kernels are 2.2-4.3x faster. Unmeasured on GPUs, where the crossover may lie elsewhere.
 SPARSE_KERNEL_BELOW_DENSITY = 0.003
 # With few tokens (decoding, small eval batches) each support entry is touched a few times: a gather
 # of x's columns and a scatter-add into y's rows, O(tokens · k), beats anything that forms out×in
@@ -108,8 +143,10 @@ def _dense_rows(values, local, rows: int, in_features: int) -> torch.Tensor:
 def grad_at(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, dtype) -> torch.Tensor:
     """(dyᵀ x).flatten()[indices]: the weight gradient at a sorted set of flat positions.
 
-    dy: (N, out), x: (N, in). A sampled product (O(N·k)) unless `product_mode` says "dense", then
-    dense GEMMs over blocks of rows; never an out×in temporary either way.
+    dy: (N, out), x: (N, in). A sampled product (O(N·k), temporaries of ≤ 3·_BLOCK_ELEMENTS entries)
+    unless `product_mode` says "dense"; then the dense gradient dyᵀx is formed one block of rows
+    (≤ _BLOCK_ELEMENTS entries) at a time and read at the support: for a layer of at most that
+    many entries the block is the whole out×in gradient, formed and dropped.
     """
     out_features, in_features = dy.shape[1], x.shape[1]
     if product_mode(dy.shape[0], indices.numel(), out_features, in_features) != "dense":
@@ -154,10 +191,13 @@ class SparseLinear(Function):
     columns it touches, which at any useful density is all of them), values (a reference to the
     parameter, for dx) and the flat indices, which must be sorted and unique.
 
-    Nothing of size out×in lives past a call. With few tokens the products are a gather and a
-    scatter-add over the support; below SPARSE_KERNEL_BELOW_DENSITY they are sparse kernels and a
-    sampled gradient; above it, dense GEMMs on blocks of rows of Δ and dW, built and dropped one
-    block (≤ 16 MiB) at a time (`product_mode`).
+    Nothing of size out×in is saved or lives past a call; what is formed within one depends on
+    `product_mode`. With few tokens the products are a gather and a scatter-add over the support,
+    and below SPARSE_KERNEL_BELOW_DENSITY they are sparse kernels and a sampled gradient: nothing
+    of out×in either way. Above it they are dense GEMMs on blocks of rows of Δ (forward, dx) and
+    of dW = dyᵀx (the gradient, read at the support), each ≤ _BLOCK_ELEMENTS entries (16 MiB in
+    fp32), up to two alive at once: a layer of at most 2²² entries is one block, so its whole
+    dense Δ and dW are formed, one after the other, and dropped.
 
     `probe`, if given, is called in backward as probe(dy, x) with dy (N × out) and x (N × in): a
     way for a schedule to look at gradients outside the support (SpIEL's regrowth) without this
@@ -198,11 +238,16 @@ class MergedSparseLinear(Function):
 
     The sparse update alone costs a second product per pass (`SparseLinear`); folding Δ into a
     scratch copy of W costs a copy instead, which is cheaper whenever the GEMM dominates. The
-    copy is built in forward and again in backward, never kept: what is saved is x (for the
-    gradient at the support) and references to W, b, values, indices, A and B. W and b get no
-    gradient. With a low-rank part, backward forms the weight gradient G = dyᵀx one block of rows
-    at a time and reads all three gradients off it (values: G at the support; B: G·Aᵀ; A: Bᵀ·G),
-    so the low-rank part costs r·out·in, not extra passes over the tokens.
+    copy (`_merged`: a whole out×in tensor in W's dtype, not bounded by _BLOCK_ELEMENTS) is built
+    in forward and again in backward, never kept: what is saved is x (for the gradient at the
+    support) and references to W, b, values, indices, A and B. W and b get no gradient. In
+    backward the copy is still held while the gradient is formed (`grad_at`: blocks of dW above
+    the density threshold), so backward's transient peak is out×in plus up to two blocks of
+    _BLOCK_ELEMENTS entries (2× the weight for a layer of ≤ 2²² entries, measured by
+    benchmarks/peak.py). With a low-rank part, backward forms the weight gradient G = dyᵀx one
+    block of rows at a time (every block, whatever the density) and reads all three gradients
+    off it (values: G at the support; B: G·Aᵀ; A: Bᵀ·G), so the low-rank part costs r·out·in,
+    not extra passes over the tokens.
     W and values must share a dtype, so that no small delta is rounded away in the copy.
     """
 
@@ -235,6 +280,7 @@ class MergedSparseLinear(Function):
 
 
 def _merged(weight, values, indices, lora_a=None, lora_b=None, scaling=1.0) -> torch.Tensor:
+    """A fresh W + Δ (+ scaling·B·A): a whole out×in copy of the weight, in its dtype (no block bound)."""
     merged = weight.detach().clone()
     merged.view(-1).index_put_((indices.long(),), values.detach(), accumulate=True)
     if lora_a is not None:
@@ -243,7 +289,8 @@ def _merged(weight, values, indices, lora_a=None, lora_b=None, scaling=1.0) -> t
 
 
 def _grads_from_blocks(dy, x, indices, lora_a, lora_b, scaling):
-    """Gradients of values (at the support), A and B from G = dyᵀx, built one block of rows at a time."""
+    """Gradients of values (at the support), A and B from G = dyᵀx, built one block of rows at a time
+    (≤ _BLOCK_ELEMENTS entries each; the next block is formed before the last one is dropped)."""
     out_features, in_features = dy.shape[1], x.shape[1]
     x = x.to(dy.dtype)
     dvalues = torch.empty(indices.numel(), dtype=dy.dtype, device=dy.device)
