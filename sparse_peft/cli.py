@@ -220,12 +220,19 @@ def calibration_batches(trainer, n: int):
         yield {k: v.to(trainer.model.device) for k, v in batch.items() if k in inputs}
 
 
+def base_model_path(name_or_path: str) -> str:
+    """What the base is loaded from, and so what adapter_config.json's `base_model_name_or_path` records:
+    a local folder as an absolute path (a relative one would load the adapter only from the directory it
+    was trained in), a Hub id as given."""
+    return os.path.abspath(name_or_path) if os.path.isdir(name_or_path) else name_or_path
+
+
 def main(argv=None) -> int:
     from accelerate import PartialState
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTTrainer, get_quantization_config
 
-    from . import SparseCallback, calibrate  # importing the package registers the sparse type with PEFT
+    from . import calibrate  # importing the package registers the sparse type with PEFT (and its schedules run by themselves)
 
     script, mixture, model_args, training, sparse, config = parse(argv)
 
@@ -237,8 +244,9 @@ def main(argv=None) -> int:
         device_map={"": PartialState().local_process_index} if quantization is not None else None,
     )
     model_kwargs.update(training.model_init_kwargs or {})
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **model_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+    base = base_model_path(model_args.model_name_or_path)
+    model = AutoModelForCausalLM.from_pretrained(base, **model_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(base, revision=model_args.model_revision,
                                               trust_remote_code=training.trust_remote_code)
 
     dataset = load_data(script, mixture)
@@ -252,7 +260,6 @@ def main(argv=None) -> int:
         train_dataset=dataset[script.dataset_train_split],
         eval_dataset=dataset[script.dataset_test_split] if evaluate else None,
     )
-    SparseCallback.attach(trainer)  # runs the method's steps (regrowth, penalties, noise); a no-op for the others
     if config.selection in CALIBRATION_RULES:
         # the support of a data-driven rule is a placeholder until it has seen data (gradient rules: with labels)
         calibrate(trainer.model, calibration_batches(trainer, sparse.calibration_batches),

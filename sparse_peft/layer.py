@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -31,6 +32,33 @@ from .delta import (
     index_dtype,
 )
 from .selection import NeedsCalibration, below_threshold, module_seed, select
+
+
+
+def dequantized_weight(backend, base: nn.Module) -> torch.Tensor:
+    """A quantized base layer's weight as a fresh float tensor, in its own layout.
+
+    bitsandbytes (0.50) repacks a 4-bit weight for its CPU kernel on the first inference forward (eval
+    mode, no grad): codes in 32-row tiles, absmax as a (blocks × rows) bfloat16 table. Its
+    dequantize_4bit (which PEFT's backend calls) misreads that layout and its inverse leaves the absmax
+    transposed, so such a weight is decoded here; every other weight goes through the backend.
+    """
+    state = getattr(getattr(base, "weight", None), "quant_state", None)
+    if not getattr(state, "packing_format_for_cpu", False):
+        return backend.get_base_weight(base)
+    packed, (rows, cols) = base.weight.data, state.shape
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, cols // 2) or rows % 32:
+        raise ValueError(
+            f"cannot read this {backend.backend_name} layer's weight: bitsandbytes packed it for its CPU kernel in a "
+            f"layout this version does not know ({tuple(packed.shape)}, {packed.dtype}); merge or choose supports "
+            "before any inference forward (bitsandbytes packs in eval mode only), or install bitsandbytes>=0.45,<0.51"
+        )
+    nibbles = packed.reshape(-1, 32)
+    codes = torch.cat([nibbles & 0xF, nibbles >> 4], dim=-1)  # 64 codes: 32 rows × 2 columns
+    codes = codes.reshape(rows // 32, cols // 2, 32, 2).transpose(1, 2).reshape(rows, cols)
+    absmax = state.absmax.float().T.reshape(rows, cols // state.blocksize)
+    weight = state.code.float()[codes.long()] * absmax.repeat_interleave(state.blocksize, dim=1)
+    return weight.to(getattr(state, "original_dtype", weight.dtype))
 
 
 class SparseLayer(BaseTunerLayer):
@@ -77,6 +105,11 @@ class SparseLayer(BaseTunerLayer):
     def delta_shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
 
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's shape as an adapter file records it: (out, in) for linear layers, quantized too."""
+        return self.out_features, self.in_features
+
     def _as_2d(self, weight: torch.Tensor) -> torch.Tensor:
         """A (out × in) view of a weight of the base layer's own layout."""
         return weight
@@ -89,7 +122,7 @@ class SparseLayer(BaseTunerLayer):
         if self.quantization_backend is None:
             return self._as_2d(base.weight)
         try:
-            return self._as_2d(self.quantization_backend.get_base_weight(base))
+            return self._as_2d(dequantized_weight(self.quantization_backend, base))
         except (TypeError, NotImplementedError) as err:
             raise ValueError(
                 f"this {self.quantization_backend.backend_name} layer cannot give its weights back, which "
@@ -201,8 +234,11 @@ class SparseLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def reset_parameters(self, adapter_name: str, init_weights: bool, seed: int = 0) -> None:
-        """Zero update when `init_weights`, else random values of the scale of the base weights."""
-        g = torch.Generator().manual_seed(seed + 1)
+        """Zero update when `init_weights`, else random values of the scale of the base weights.
+
+        The draw depends on the adapter's name too: two adapters made from one config start apart
+        (their supports, a function of the config and the module, may coincide)."""
+        g = torch.Generator().manual_seed(module_seed(seed, adapter_name) % 2**62 + 1)
         bound = 1 / math.sqrt(self.in_features)
         for key in (VALUES, ROW_BLOCK, COL_BLOCK):
             if adapter_name in getattr(self, key):
@@ -287,13 +323,28 @@ class SparseLayer(BaseTunerLayer):
         backend = self.quantization_backend
         if backend is not None:
             if not backend.supports_merge:
-                raise ValueError(f"cannot merge into a {backend.backend_name} layer; it cannot be dequantized")
-            weight = backend.get_base_weight(base)  # a fresh dequantized tensor: always safe to edit
+                raise ValueError(
+                    f"cannot merge into a {backend.backend_name} layer; it cannot be dequantized: keep the adapter "
+                    "unmerged, or load the base unquantized to merge"
+                )
+            # one fixed text per backend: Python's default filter shows it once, however many layers merge
+            warnings.warn(
+                f"merging an adapter into (or unmerging it from) a {backend.backend_name} base layer rounds the "
+                "updated weight to the quantization grid again, so the merged model only approximates the "
+                "adapter's outputs and unmerging does not restore the base exactly; for an exact merge, load "
+                "the base unquantized (e.g. torch_dtype=torch.bfloat16) and load the adapter onto it",
+                UserWarning,
+            )
+            weight = dequantized_weight(backend, base)  # a fresh tensor: always safe to edit
         else:
             weight = base.weight.data.clone() if safe else base.weight.data
         delta.add_to(self._as_2d(weight), sign)
         if safe and not torch.isfinite(weight).all():
-            raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            raise ValueError(
+                f"NaNs detected in the merged weights. The adapter {name} seems to be broken (non-finite values, "
+                "e.g. from a diverged run or a low-precision overflow): the base was left unmerged; check the "
+                "adapter's values, or merge in a wider dtype"
+            )
         if backend is not None:
             backend.set_base_weight(self, weight)
         elif safe:
@@ -365,7 +416,10 @@ class SparseLayer(BaseTunerLayer):
 
     def check_perturbable(self) -> None:
         """LoRA-GGPO perturbs the base weight inside the forward; only plain linear layers allow that."""
-        raise ValueError(f"perturbation='ggpo' supports nn.Linear and Conv1D layers, not {type(self.get_base_layer()).__name__}")
+        raise ValueError(
+            f"perturbation='ggpo' supports nn.Linear and Conv1D layers, not {type(self.get_base_layer()).__name__}: "
+            "leave such layers out of target_modules"
+        )
 
     def _foldable_into_noise(self, deltas: list[Delta]) -> Optional[Delta]:
         # GGPO builds a scratch W0 + ε each pass anyway; a lone LoRA update of the weight's dtype
@@ -463,10 +517,24 @@ class Conv2d(_Module):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_key, inference_mode=config.inference_mode)
 
+    def update_layer(self, adapter_name: str, config: SparseConfig, module_key: str = "", *args, **kwargs) -> None:
+        if config.structure == "columns":
+            # a column of the flattened kernel is one tap of one input channel: not what "columns" (input
+            # features, S²FT's channels) means, and the convolution's ΔW is dense anyway
+            raise ValueError(
+                f"{module_key or 'this Conv2d'}: structure='columns' is not supported on Conv2d layers; use "
+                "'rows' (whole output channels), 'unstructured' or 'none' there, or leave Conv2d out of target_modules"
+            )
+        super().update_layer(adapter_name, config, module_key, *args, **kwargs)
+
     @property
     def delta_shape(self) -> tuple[int, int]:
         weight = self.get_base_layer().weight
         return weight.shape[0], weight[0].numel()
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        return tuple(self.get_base_layer().weight.shape)
 
     def _as_2d(self, weight):
         return weight.view(weight.shape[0], -1)

@@ -130,6 +130,23 @@ def test_push_to_hub_uploads_the_adapter(local, tmp_path, monkeypatch):
     assert_reloads_as_saved(local, pushed)
 
 
+def test_an_adapter_trained_on_a_relative_base_folder_loads_from_any_directory(local, tmp_path, monkeypatch):
+    from peft import AutoPeftModelForCausalLM
+
+    monkeypatch.chdir(local)  # the base and the data given relative to the working directory, as in docs/cli.md
+    assert cli.main(["--model_name_or_path", "base", "--dataset_name", "data.jsonl", "--output_dir",
+                     str(tmp_path / "out"), *FAST, "--max_steps", "1", "--density", "0.1"]) == 0
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str((local / "base").resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    model = AutoPeftModelForCausalLM.from_pretrained(tmp_path / "out")
+    ids = torch.tensor([[2, 4, 5, 6, 7]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, reload(local, tmp_path / "out")(ids).logits)
+
+
 # parsing alone needs no model or data; --use_cpu keeps SFTConfig from asking for a GPU
 UNUSED = ["--model_name_or_path", "m", "--dataset_name", "d", "--use_cpu"]
 
