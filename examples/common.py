@@ -31,7 +31,8 @@ def parser(doc: str, method: str, lr: float) -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="Hub id, local folder, or .jsonl/.json/.csv/.parquet/.txt file, with a 'text', "
                    "'messages' or 'prompt'/'completion' column (default: the quickstart's Python-manual task)")
     p.add_argument("--max_steps", type=int, default=200, help="optimizer steps (default 200)")
-    p.add_argument("--output_dir", default=f"{method}-adapter", help="where the adapter goes (default %(default)s)")
+    p.add_argument("--output_dir", default=f"out/{method}-adapter",
+                   help="where the adapter goes (default %(default)s; out/ is git-ignored)")
     p.add_argument("--push_to_hub", metavar="REPO_ID", help="also upload the adapter to this Hub repo")
     p.add_argument("--learning_rate", type=float,
                    help=f"default {lr:g} on the embedded model, 1e-4 with --model (a starting point: tune it)")

@@ -6,22 +6,25 @@ and adapters saved with it. Import it before loading such an adapter.
 """
 
 from . import sltrain
-from ._peft import SparsePeftType, install_model_card_hook, register
+from ._peft import SparsePeftType, install_load_guard, install_model_card_hook, register
 from .calibration import calibrate
-from .callbacks import SparseCallback
+from .callbacks import SparseCallback, install_default_callback
 from .config import SparseConfig
 from .delta import Delta
 from .layer import Conv2d, Linear, SparseLayer
 from .methods import METHODS
-from .model import SparseModel
+from .model import SparseModel, _discard_adapter
 from .optim import SparseSM3
 from .prune import PruneReport, prune
-from .schedule import SparseScheduler
+from .schedule import SparseScheduler, install_optimizer_hooks
 from .version import __version__
 
 
 register(SparseConfig, SparseModel)
 install_model_card_hook()
+install_load_guard(_discard_adapter)
+install_optimizer_hooks()
+install_default_callback()
 
 __all__ = [
     "METHODS",

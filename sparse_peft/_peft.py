@@ -44,10 +44,12 @@ def register(config_cls, model_cls) -> None:
         key = SparsePeftType.SPARSE
     previous = PEFT_TYPE_TO_TUNER_MAPPING.get(key)
     if previous is not None and previous.__module__.split(".")[0] != "sparse_peft":
-        raise RuntimeError(f"another package ({previous.__module__}) already registered the PEFT type 'SPARSE'")
+        raise RuntimeError(f"another package ({previous.__module__}) already registered the PEFT type 'SPARSE': "
+                           "the two cannot be used in one process; import only one of them")
     clashing = [pt for pt, prefix in PEFT_TYPE_TO_PREFIX_MAPPING.items() if prefix == PREFIX and pt != key]
     if clashing:
-        raise RuntimeError(f"the parameter prefix {PREFIX!r} is already used by PEFT type {clashing[0]}")
+        raise RuntimeError(f"the parameter prefix {PREFIX!r} is already used by PEFT type {clashing[0]}: that "
+                           "method and sparse_peft cannot be used in one process; import only one of them")
     # Plain assignment rather than a "registered already" check: after importlib.reload the classes
     # are new objects, and the registry must point at the live ones.
     PEFT_TYPE_TO_PREFIX_MAPPING[key] = PREFIX
@@ -76,3 +78,59 @@ def install_model_card_hook() -> None:
 
     create_or_update_model_card._sparse_peft = True
     PeftModel.create_or_update_model_card = create_or_update_model_card
+
+
+def install_load_guard(discard) -> None:
+    """Make loading a sparse adapter all-or-nothing, and say which file failed.
+
+    PEFT injects an adapter's layers before it reads the adapter file, and leaves them in place when
+    reading or checking the file fails (a truncated download, a file for another base model). Around
+    `PeftModel.from_pretrained` and `PeftModel.load_adapter`, a failure that left sparse layers behind
+    calls `discard(model, adapter_name)` (the model as it was: base layers back, no config) and
+    re-raises as a ValueError that names the adapter's location. Other PEFT types pass untouched.
+    """
+    from peft import PeftModel
+
+    if getattr(PeftModel.load_adapter, "_sparse_peft", False):
+        return
+    original_load = PeftModel.load_adapter
+    original_from_pretrained = PeftModel.__dict__["from_pretrained"].__func__
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        existed = adapter_name in self.peft_config
+        try:
+            return original_load(self, model_id, adapter_name, *args, **kwargs)
+        except Exception as err:
+            if existed or not discard(self, adapter_name):
+                raise
+            raise _explained(err, model_id) from err
+
+    def from_pretrained(cls, model, model_id, adapter_name="default", *args, **kwargs):
+        tags = list(getattr(model, "model_tags", None) or [])
+        had_tags = getattr(model, "model_tags", None) is not None
+        try:
+            return original_from_pretrained(cls, model, model_id, adapter_name, *args, **kwargs)
+        except Exception as err:
+            if not discard(model, adapter_name):
+                raise
+            if getattr(model, "peft_config", None) == {}:
+                del model.peft_config
+            if had_tags:
+                model.model_tags = tags
+            elif hasattr(model, "model_tags"):
+                model.model_tags = None
+            raise _explained(err, model_id) from err
+
+    load_adapter._sparse_peft = True
+    PeftModel.load_adapter = load_adapter
+    PeftModel.from_pretrained = classmethod(from_pretrained)
+
+
+def _explained(err: Exception, model_id) -> ValueError:
+    where = str(model_id)
+    if type(err).__name__ == "SafetensorError" or isinstance(err, (OSError, EOFError)):
+        return ValueError(
+            f"cannot read the sparse adapter at {where!r} ({type(err).__name__}: {err}): adapter_model.safetensors "
+            "is truncated or corrupt; download or save it again. The model was left as it was."
+        )
+    return ValueError(f"cannot load the sparse adapter at {where!r}: {err} (the model was left as it was)")

@@ -61,7 +61,10 @@ def calibration_statistics(
     # coupled row layers are not scored: they follow their partner's columns
     layers, _ = model.base_model._layers_of(adapter)
     if any(isinstance(m, Conv2d) for m in layers.values()):
-        raise ValueError("calibration scores input features of linear layers; this adapter also targets Conv2d layers")
+        raise ValueError(
+            "calibration scores input features of linear layers, and this adapter also targets Conv2d layers: leave "
+            "the Conv2d layers out of target_modules, or use a selection rule that needs no data (e.g. 'magnitude')"
+        )
     record = _gradient_norms if config.selection in GRADIENT_RULES else _activation_norms
     was_training = model.training
     model.eval()  # no dropout
@@ -79,7 +82,8 @@ def calibration_statistics(
     if missing:
         raise ValueError(
             f"the calibration batches never reached {missing[0]} (and {len(missing) - 1} other layers): no input, "
-            "or for a gradient rule no gradient of the loss, passed through it"
+            "or for a gradient rule no gradient of the loss, passed through it: calibrate on batches that run through "
+            "every adapted layer (with labels for a gradient rule), or leave that layer out of target_modules"
         )
     return {n: v.sqrt().cpu() for n, v in squares.items()}, tokens
 

@@ -1,12 +1,17 @@
 """The sparse schedules inside any Hugging Face or TRL trainer, as one TrainerCallback.
 
-    trainer = SFTTrainer(..., peft_config=SparseConfig(method="spiel"), callbacks=[SparseCallback()])
+Importing sparse_peft adds `SparseCallback` to every Trainer's default callbacks (transformers'
+`DEFAULT_CALLBACKS`, which TRL's trainers share), so nothing needs attaching:
 
-No Trainer subclass: the callback builds a `SparseScheduler` once the optimizer exists (at
-`on_train_begin`), calls it just before every optimizer step (gradients complete and clipped) and
-just after (gradients are still in `.grad` then), and adds its statistics (`sparse/density`,
-`sparse/churn`, `sparse/nuclear_norm`, `sparse/perturbation_std`, ...) to the next log, so that
-W&B, TensorBoard and `trainer.state.log_history` show them.
+    trainer = SFTTrainer(..., peft_config=SparseConfig(method="spiel"))   # regrowth runs
+
+At `on_train_begin` (the optimizer exists then) it makes the adapter's `SparseScheduler` with the
+run's length; the optimizer's step hooks run it (schedule.py), and where the optimizer is not a
+`torch.optim.Optimizer` over the adapter's tensors (DeepSpeed), the trainer's own pre- and
+post-optimizer-step events do. It saves the schedule's state with every checkpoint, restores it on
+resume, and adds its statistics (`sparse/density`, `sparse/churn`, `sparse/nuclear_norm`,
+`sparse/perturbation_std`, ...) to the next log, so that W&B, TensorBoard and
+`trainer.state.log_history` show them. It does nothing for a model without a scheduled sparse adapter.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import warnings
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from .schedule import SparseScheduler
+from .schedule import SparseScheduler, _find, has_schedule
 
 
 STATE_FILE = "sparse_scheduler.safetensors"
@@ -30,14 +35,24 @@ class SparseCallback(TrainerCallback):
 
     @classmethod
     def attach(cls, trainer) -> "SparseCallback":
-        """Add the callback first in the trainer's list, so that reporting integrations called after it
-        (W&B, TensorBoard, ...) see its statistics in the same log. Passing it in `callbacks=` also
-        works, but then only `trainer.state.log_history` gets them."""
+        """The trainer's SparseCallback. Every Trainer has one already (importing sparse_peft adds it to
+        the default callbacks, ahead of the reporting integrations): this returns it, or adds one first
+        in the list for a trainer made before the import. Never a second one."""
+        existing = next((c for c in trainer.callback_handler.callbacks if isinstance(c, SparseCallback)), None)
+        if existing is not None:
+            return existing
         callback = cls()
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        peft_model, _ = _find(model)
+        config = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
+        if getattr(config, "peft_type", None) != "SPARSE" or not has_schedule(config):
+            self.scheduler = None  # nothing between steps: a LoRA, a static sparse adapter, no adapter at all
+            return
+        # a second SparseCallback in the same trainer (one passed in `callbacks=` beside the default)
+        # makes its own scheduler, which retires this one's: the work still runs once per step
         self.scheduler = SparseScheduler(model, optimizer, total_steps=state.max_steps)
         if state.global_step and self.scheduler.enabled:
             # a resumed run: the Trainer has restored the adapter and the optimizer; restore the schedule
@@ -45,12 +60,13 @@ class SparseCallback(TrainerCallback):
             if os.path.isfile(path):
                 self.scheduler.load_state_dict(load_file(path))
             else:
-                warnings.warn(f"no {STATE_FILE} beside the checkpoint of step {state.global_step}: the regrowth "
-                              "statistics restart empty", stacklevel=2)
+                warnings.warn(f"no {STATE_FILE} beside the checkpoint of step {state.global_step} (it was saved "
+                              "without sparse_peft's callback, or the file was removed): the schedule's statistics "
+                              "restart empty from that step", stacklevel=2)
                 self.scheduler.step_count = state.global_step
 
     def on_save(self, args, state, control, **kwargs):
-        if self.scheduler is not None and self.scheduler.enabled:
+        if self.scheduler is not None and self.scheduler.enabled and not self.scheduler._retired:
             folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
             if os.path.isdir(folder):
                 save_file(self.scheduler.state_dict(), os.path.join(folder, STATE_FILE))
@@ -72,3 +88,11 @@ class SparseCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(self._pending)
             self._pending = {}
+
+
+def install_default_callback() -> None:
+    """Put SparseCallback in every Trainer's default callbacks (once; a re-import replaces the class)."""
+    from transformers import trainer as trainer_module
+
+    defaults = trainer_module.DEFAULT_CALLBACKS
+    defaults[:] = [c for c in defaults if getattr(c, "__name__", "") != "SparseCallback"] + [SparseCallback]

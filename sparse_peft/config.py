@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+import typing
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
@@ -291,8 +293,8 @@ class SparseConfig(PeftConfig):
         default=None,
         metadata={
             "help": "SaRA: weight λ of a nuclear-norm penalty λ·||ΔW||_* on each layer's sparse update, applied as "
-            "a subgradient added to the values' gradients before each optimizer step (needs SparseCallback or "
-            "SparseScheduler). 0 disables it. Defaults to the method's (5e-4 for 'sara'), else 0."
+            "a subgradient added to the values' gradients before each optimizer step (the adapter's schedule runs it "
+            "by itself). 0 disables it. Defaults to the method's (5e-4 for 'sara'), else 0."
         },
     )
     nuclear_norm_layers: Optional[int] = field(
@@ -321,8 +323,8 @@ class SparseConfig(PeftConfig):
         default=None,
         metadata={
             "help": "LoRA-GGPO: 'ggpo' adds Gaussian noise to the merged weight in each training forward, row-wise "
-            "scaled by the weight and gradient norms of the previous step (needs SparseCallback or "
-            "SparseScheduler). Defaults to the method's, else 'none'."
+            "scaled by the weight and gradient norms of the previous step (the adapter's schedule refreshes it by "
+            "itself). Defaults to the method's, else 'none'."
         },
     )
     perturbation_sigma: Optional[float] = field(
@@ -356,7 +358,8 @@ class SparseConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Names of the modules to adapt, a regex over full module names, or 'all-linear' for every linear "
-            "layer except the output head. Defaults to the architecture's attention projections."
+            "layer except the output head. Defaults to the method's choice from its paper (see the method's page), "
+            "reported in one log line."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -392,16 +395,59 @@ class SparseConfig(PeftConfig):
     )
 
     def __post_init__(self):
+        # A config rebuilt from a saved dict (adapter_config.json, `SparseConfig(**config.to_dict())`) carries its
+        # peft_type and has every field filled in already: only its values are checked, not which ones were given.
+        rebuilt = self.peft_type is not None
         super().__post_init__()
         self.peft_type = SparsePeftType.SPARSE
         if self.sparse_peft_version is None:
             self.sparse_peft_version = __version__
+        for name in ("coupled_rows", "disjoint_from"):  # one name for a list of one
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        _check_types(self)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
+        given = set() if rebuilt else {f for f in _UNSET_BY_DEFAULT if getattr(self, f) is not None}
+        if not rebuilt:
+            self._refuse_conflicts()
         self._apply_method()
         self._validate()
+        self._refuse_unused(given)
+
+    def _refuse_conflicts(self) -> None:
+        """Two fields the user set that answer the same question: one would silently win."""
+        budgets = [name for name in ("density", "equivalent_rank", "num_trainable") if getattr(self, name) is not None]
+        if len(budgets) > 1:
+            raise ValueError(
+                f"{' and '.join(f'{n}={getattr(self, n)!r}' for n in budgets)} both set the per-layer budget, and only one "
+                "can apply: keep one of density (a fraction), equivalent_rank (LoRA parity) or num_trainable (a total)"
+            )
+
+    def _refuse_unused(self, given: set) -> None:
+        """Fields the user set that the resolved config would ignore: refuse rather than drop them silently."""
+
+        def refuse(names, why):
+            set_here = [n for n in names if n in given]
+            if set_here:
+                shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in set_here)
+                raise ValueError(f"{shown} has no effect {why}; remove it or enable what it tunes")
+
+        if not self.reselection_steps:
+            refuse(("accumulation_steps", "initial_reselection_rate", "reselection_rate_policy", "regrowth"),
+                   "with reselection_steps=0 (a fixed support): set reselection_steps > 0 to regrow")
+        if not self.r:
+            refuse(("lora_alpha",), "without a low-rank part (r=0): set r > 0")
+            if self.scale_sparse and "scale_sparse" in given:
+                refuse(("scale_sparse",), "without a low-rank part (r=0), whose lora_alpha / r it applies: set r > 0")
+        if not self.nuclear_norm_weight:
+            refuse(("nuclear_norm_layers",), "with nuclear_norm_weight=0 (no penalty): set nuclear_norm_weight > 0")
+        if self.perturbation == "none":
+            refuse(("perturbation_sigma", "perturbation_beta"), "with perturbation='none': set perturbation='ggpo'")
+        if self.selection != "lowrank_residual":
+            refuse(("residual_rank",), f"with selection={self.selection!r}: it is the rank of selection='lowrank_residual'")
 
     def _apply_method(self) -> None:
         defaults = dict(_GENERAL_DEFAULTS)
@@ -456,18 +502,19 @@ class SparseConfig(PeftConfig):
             raise ValueError(f"reselection_steps={self.reselection_steps!r} must be an integer >= 0 (0: fixed support)")
         if self.reselection_steps and self.structure != "unstructured":
             raise ValueError("reselection_steps > 0 regrows single entries, so it needs structure='unstructured'")
-        if self.reselection_steps:
-            if not isinstance(self.accumulation_steps, int) or not 1 <= self.accumulation_steps <= self.reselection_steps:
-                raise ValueError(
-                    f"accumulation_steps={self.accumulation_steps!r} must be between 1 and reselection_steps "
-                    f"({self.reselection_steps})"
-                )
-            if not 0 < self.initial_reselection_rate <= 1:
-                raise ValueError(f"initial_reselection_rate={self.initial_reselection_rate!r} must be in (0, 1]")
-            if self.reselection_rate_policy not in ("linear", "cosine"):
-                raise ValueError(f"reselection_rate_policy={self.reselection_rate_policy!r}: use 'linear' or 'cosine'")
-            if self.regrowth not in ("gradient", "momentum"):
-                raise ValueError(f"regrowth={self.regrowth!r}: use 'gradient' or 'momentum'")
+        if self.reselection_steps and not 1 <= self.accumulation_steps <= self.reselection_steps:
+            raise ValueError(
+                f"accumulation_steps={self.accumulation_steps!r} must be between 1 and reselection_steps "
+                f"({self.reselection_steps})"
+            )
+        if self.accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={self.accumulation_steps!r} must be >= 1")
+        if not 0 < self.initial_reselection_rate <= 1:
+            raise ValueError(f"initial_reselection_rate={self.initial_reselection_rate!r} must be in (0, 1], e.g. 0.2")
+        if self.reselection_rate_policy not in ("linear", "cosine"):
+            raise ValueError(f"reselection_rate_policy={self.reselection_rate_policy!r}: use 'linear' or 'cosine'")
+        if self.regrowth not in ("gradient", "momentum"):
+            raise ValueError(f"regrowth={self.regrowth!r}: use 'gradient' or 'momentum'")
         for suffix, density in (self.module_density or {}).items():
             if not (isinstance(density, (int, float)) and 0 < density <= 1):
                 raise ValueError(f"module_density[{suffix!r}]={density!r} must be in (0, 1]")
@@ -481,8 +528,6 @@ class SparseConfig(PeftConfig):
                 f"allocation='global' pools whole rows or columns over layers, not {self.structure!r} entries: "
                 "use structure='rows' or 'columns', or allocation='uniform'"
             )
-        if isinstance(self.coupled_rows, str):
-            self.coupled_rows = [self.coupled_rows]
         if self.coupled_rows:
             unknown = sorted(set(self.coupled_rows) - {"ffn_up", "value"})
             if unknown:
@@ -495,8 +540,6 @@ class SparseConfig(PeftConfig):
                     "coupled_rows trains the rows that produce the input columns chosen on the output projections, "
                     f"so it needs structure='columns' (got {self.structure!r})"
                 )
-        if isinstance(self.disjoint_from, str):
-            self.disjoint_from = [self.disjoint_from]
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise ValueError(f"lora_alpha={self.lora_alpha!r} must be > 0")
         if self.bias not in ("none", "all", "sparse_only"):
@@ -523,7 +566,8 @@ class SparseConfig(PeftConfig):
         if self.nuclear_norm_rank is not None and (not isinstance(self.nuclear_norm_rank, int) or self.nuclear_norm_rank < 1):
             raise ValueError(f"nuclear_norm_rank={self.nuclear_norm_rank!r} must be a positive integer or None (full SVD)")
         if self.nuclear_norm_weight and self.structure == "none":
-            raise ValueError("nuclear_norm_weight penalises the sparse part, and structure='none' has none")
+            raise ValueError("nuclear_norm_weight penalises the sparse part, and structure='none' has none: set "
+                             "nuclear_norm_weight=0, or a structure with a sparse part")
         if self.progressive_step is not None:
             step = self.progressive_step
             if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or (isinstance(step, float) and step >= 1 and not step.is_integer()):
@@ -572,3 +616,58 @@ class SparseConfig(PeftConfig):
             k = self.density_for(module_key) * size
         units = min(size // group, max(1, round(k / group)))
         return units * group
+
+
+# fields whose default is None, "not set": a value there was given by the user
+_UNSET_BY_DEFAULT = [
+    f.name for f in dataclasses.fields(SparseConfig) if f.name in SparseConfig.__annotations__ and f.default is None
+]
+
+
+# -- types ---------------------------------------------------------------------------------------------
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, set):
+        return f"a list of {_describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a dict of {_describe(args[0])} to {_describe(args[1])}" if args else "a dict"
+    return {type(None): "None", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _matches(value, tp) -> bool:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Union:
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        # a string outside the choices is left to the field's own check, which names the choices and the fix
+        return isinstance(value, str) or any(value == a and type(value) is type(a) for a in args)
+    if origin in (list, set):
+        return isinstance(value, (list, set, tuple)) and all(_matches(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(_matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items())
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is type(None):
+        return value is None
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _check_types(config: SparseConfig) -> None:
+    """Every field of ours against its annotation, so a hand-edited adapter_config.json (`"density": "0.1"`,
+    `"seed": "x"`, `"target_modules": 5`) is refused with the field's name, not a TypeError deep inside."""
+    hints = typing.get_type_hints(SparseConfig)
+    for name in SparseConfig.__annotations__:
+        value = getattr(config, name)
+        if not _matches(value, hints[name]):
+            raise ValueError(
+                f"SparseConfig.{name} = {value!r} ({type(value).__name__}) must be {_describe(hints[name])}; "
+                "correct it where the config is made (in adapter_config.json for a saved adapter)"
+            )

@@ -156,8 +156,11 @@ class Delta:
         )
         return self.add_to(weight)
 
+    def num_sparse(self) -> int:
+        return sum(t.numel() for t in (self.values, self.row_block, self.col_block) if t is not None)
+
     def num_trainable(self) -> int:
-        return sum(t.numel() for t in (self.values, self.row_block, self.col_block, self.lora_A, self.lora_B) if t is not None)
+        return self.num_sparse() + sum(t.numel() for t in (self.lora_A, self.lora_B) if t is not None)
 
 
 def _add(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ e.g. after progressive selection). Nothing in a file is trusted.
 
 from __future__ import annotations
 
+import warnings
+import zlib
+
 import torch
 import torch.nn as nn
 
@@ -19,6 +22,46 @@ KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES) | set(FROZEN_NAMES)
 # In files, frozen slots (SaRA's progressive step) are one bit per value, and their values sit in
 # `sparse_values` itself: 1/8 byte per entry instead of an int32 slot and a second value.
 FROZEN_MASK = "sparse_frozen_mask"
+# Per layer, only in files: the shape of the weight the adapter was trained on (in-range indices do not
+# prove the fit: a hidden-64 adapter's flat indices are all in range of a hidden-128 weight), and for
+# supports regenerated from the seed, a CRC-32 of the indices (an edited seed draws others).
+WEIGHT_SHAPE, SUPPORT_CRC = "sparse_weight_shape", "sparse_support_crc"
+RECORDS = (WEIGHT_SHAPE, SUPPORT_CRC)
+_PEFT_PREFIX = "base_model.model."
+
+
+def support_crc(indices: torch.Tensor) -> torch.Tensor:
+    """CRC-32 of a support's positions as int64 little-endian, whatever dtype and device hold them."""
+    data = indices.detach().to("cpu", torch.int64).contiguous().numpy().astype("<i8").tobytes()
+    return torch.tensor([zlib.crc32(data)], dtype=torch.int64)
+
+
+def add_layer_records(model: nn.Module, adapter_name: str, state_dict: dict, regenerated: bool) -> dict:
+    """The file's per-layer records (`WEIGHT_SHAPE`, and `SUPPORT_CRC` where the indices are not stored),
+    keyed like the layer's other tensors (`<layer>.<record>.<adapter>`) so PEFT strips the adapter name."""
+    from .layer import SparseLayer
+
+    out = dict(state_dict)
+    for name, layer in model.named_modules():
+        if not isinstance(layer, SparseLayer) or adapter_name not in layer._all_available_adapter_names():
+            continue
+        name = name.replace("_fsdp_wrapped_module.", "")
+        out[f"{name}.{WEIGHT_SHAPE}.{adapter_name}"] = torch.tensor(layer.weight_shape, dtype=torch.int64)
+        if regenerated and adapter_name in layer.sparse_indices:
+            out[f"{name}.{SUPPORT_CRC}.{adapter_name}"] = support_crc(layer.sparse_indices[adapter_name])
+    return out
+
+
+def pop_layer_records(state_dict: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """Take the per-layer records out of a file's tensors: {layer name without PEFT's prefix: {record: tensor}}."""
+    records: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [k for k in state_dict if any(f".{r}" in k for r in RECORDS)]:
+        for record in RECORDS:
+            layer, found, rest = key.rpartition(f".{record}")
+            if found and rest.count(".") <= 1:  # "" in files, ".<adapter>" as the model names it
+                records.setdefault(layer.removeprefix(_PEFT_PREFIX), {})[record] = state_dict.pop(key)
+                break
+    return records
 
 
 def _siblings(key: str, attr: str):
@@ -105,8 +148,14 @@ def add_optional_buffers(model: nn.Module, adapter_name: str, state_dict: dict, 
                 store[adapter_name] = torch.zeros(0, dtype=dtype, device=layer.sparse_values[adapter_name].device)
 
 
-def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix: str, config=None) -> None:
+def check_and_fit(
+    model: nn.Module, adapter_name: str, state_dict: dict, prefix: str, config=None, records: dict | None = None
+) -> None:
     """Validate an adapter's state dict (keys as the model names them) and size the layers to it.
+
+    `records` are the file's per-layer records (`pop_layer_records`); files written before they existed
+    have none, and are checked without them (with a warning). Supports regenerated from the seed are
+    added to `state_dict`, so the load reports no missing keys for them.
 
     Raises ValueError naming the first problem; the model is not modified in that case.
     """
@@ -129,6 +178,7 @@ def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix:
 
     # indices a config regenerates from its seed are not in the file (SLTrain); frozen slots may be (SaRA)
     regenerated = {INDICES} if config is not None and getattr(config, "store_indices", True) is False else set()
+    _check_records(layers, adapter_name, records or {}, regenerated, config)
     for name, layer in layers.items():
         tensors = per_layer[name]
         expected = {attr for attr in KNOWN if adapter_name in getattr(layer, attr)} - regenerated
@@ -143,6 +193,8 @@ def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix:
 
     # Every check passed: give each layer the shapes in the file, so load_state_dict can fill them.
     for name, layer in layers.items():
+        for attr in regenerated:  # loaded as they are: PEFT then counts no missing key for them
+            state_dict[f"{name}.{attr}.{adapter_name}"] = getattr(layer, attr)[adapter_name]
         layer.sparse_uncalibrated.pop(adapter_name, None)  # the file's support is the chosen one
         for attr, tensor in per_layer[name].items():
             store = getattr(layer, attr)
@@ -155,6 +207,41 @@ def check_and_fit(model: nn.Module, adapter_name: str, state_dict: dict, prefix:
                 store[adapter_name] = nn.Parameter(
                     torch.empty(tensor.shape, dtype=current.dtype, device=current.device),
                     requires_grad=current.requires_grad,
+                )
+
+
+def _check_records(layers: dict, adapter_name: str, records: dict, regenerated: set, config) -> None:
+    """Each layer's weight shape (and regenerated support) against the file's records."""
+    where = "the adapter was trained on another base model"
+    base = getattr(config, "base_model_name_or_path", None)
+    if base:
+        where += f" (its adapter_config.json names {base!r}); load it into that model"
+    if not records:
+        warnings.warn(
+            "this adapter file has no weight-shape records (an earlier sparse_peft release saved it): its fit to this base "
+            "model is checked by index ranges only; save it again with this version to record the shapes",
+            stacklevel=6,
+        )
+        return
+    for name, layer in layers.items():
+        record = records.get(name.removeprefix(_PEFT_PREFIX))
+        shape = None if record is None else record.get(WEIGHT_SHAPE)
+        if shape is None or shape.dtype != torch.int64 or shape.dim() != 1 or not 2 <= shape.numel() <= 5:
+            raise ValueError(f"{name}: {WEIGHT_SHAPE} is missing or malformed in the adapter file; the file is corrupt")
+        if tuple(shape.tolist()) != tuple(layer.weight_shape):
+            raise ValueError(
+                f"{name}: the adapter was trained on a weight of shape {tuple(shape.tolist())}, but this model's is "
+                f"{tuple(layer.weight_shape)}; {where}"
+            )
+        if INDICES in regenerated and adapter_name in layer.sparse_indices:
+            crc = record.get(SUPPORT_CRC)
+            if crc is None or crc.dtype != torch.int64 or crc.numel() != 1:
+                raise ValueError(f"{name}: {SUPPORT_CRC} is missing or malformed in the adapter file; the file is corrupt")
+            if int(crc) != int(support_crc(layer.sparse_indices[adapter_name])):
+                raise ValueError(
+                    f"{name}: the support regenerated from seed={getattr(config, 'seed', None)!r} is not the one this "
+                    "adapter was trained with (checksums differ): adapter_config.json's `seed` was changed, or the "
+                    "module names differ from the training run's; restore the original seed"
                 )
 
 
@@ -219,7 +306,10 @@ def update_model_card(output_dir: str, peft_model) -> None:
     import os
 
     path = os.path.join(output_dir, "README.md")
-    text = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    text = ""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     if _BEGIN in text and _END in text:
         head, _, rest = text.partition(_BEGIN)
         text = head + rest.partition(_END)[2].lstrip("\n")

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
@@ -12,7 +13,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_q
 from peft.utils import resolve_quantization_backend
 from transformers.pytorch_utils import Conv1D
 
-from . import architectures, hub
+from . import architectures, hub, schedule
 from ._peft import PREFIX
 from .config import SparseConfig
 from .delta import INDICES, index_dtype
@@ -87,22 +88,106 @@ class SparseModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _prepare_adapter_config(self, config, model_config):
-        method = METHODS.get(config.method)
-        if config.target_modules is None and method is not None and method.target_roles:
-            config.target_modules = set(architectures.role_targets(model_config, method.target_roles))
+        rule = None
+        if config.target_modules is None:
+            method = METHODS.get(config.method)
+            rule = method.default_targets if method is not None else "query_value"
+            config.target_modules = architectures.default_targets(
+                self.model, model_config, rule, method.target_roles if method is not None else (),
+                config.method, config.task_type,
+            )
         else:
-            config = super()._prepare_adapter_config(config, model_config)
+            _refuse_expert_targets(self.model, config)
         if config.coupled_rows:
-            rows = architectures.row_pairs(model_config, config.coupled_rows)  # refuses roles the model lacks
+            # refuses a model without a map, and roles whose producing layer is fused or absent
+            rows = architectures.row_pairs(model_config, config.coupled_rows)
+            keys = [key for key, _ in self.model.named_modules()]
+            for role in config.coupled_rows:
+                suffixes = sorted(s for s, (_, r) in rows.items() if r == role)
+                if not any(k == s or k.endswith("." + s) for k in keys for s in suffixes):
+                    raise ValueError(
+                        f"coupled_rows={config.coupled_rows} couples the rows of {suffixes}, and this model has no such "
+                        "layer (a mixture-of-experts FFN keeps its experts as fused 3-D parameters, which sparse_peft "
+                        f"cannot adapt): remove {role!r} from coupled_rows"
+                    )
             if isinstance(config.target_modules, (set, list)):
                 # a regex or "all-linear" must match them itself; choose_supports checks every pair
                 config.target_modules = set(config.target_modules) | set(rows)
+        if rule is not None:
+            self._report_default_targets(config, rule)
+        if config.head_groups and architectures.known_roles(model_config) is None:
+            architectures.logger.warning(
+                "sparse_peft: no map of heads for model_type=%r, so head_groups chooses plain input columns on every "
+                "target", model_config.get("model_type"),
+            )
         return config
 
+    def _report_default_targets(self, config, rule: str) -> None:
+        """One visible line per adapter whose targets were chosen for the user: method, rule, module count."""
+        adapted = [key for key, module in self.model.named_modules() if key and self._check_target_module_exists(config, key)
+                   and (isinstance(module, SparseLayer) or _layer_class(module) is not None)]
+        kinds = sorted({key.rsplit(".", 1)[-1] for key in adapted})
+        rule_text = architectures.DEFAULT_RULES[rule]
+        if rule == "roles":
+            rule_text += f" ({', '.join(METHODS[config.method].target_roles)})"
+        frozen = architectures.fused_experts(self.model)
+        note = (f"; the experts of {len(frozen)} mixture-of-experts block(s) are fused 3-D parameters, not layers, "
+                f"and stay frozen (e.g. {frozen[0][0]})" if frozen else "")
+        architectures.logger.warning(
+            "sparse_peft: method=%r without target_modules adapts %s: %d modules (%s)%s; pass target_modules to choose",
+            config.method, rule_text, len(adapted), ", ".join(kinds[:8]) + (", ..." if len(kinds) > 8 else ""), note,
+        )
+
     def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        config = self.peft_config[adapter_name]
+        unknown = [a for a in config.disjoint_from or [] if a not in self.peft_config or a == adapter_name]
+        if unknown:
+            others = sorted(set(self.peft_config) - {adapter_name})
+            raise ValueError(
+                f"disjoint_from={config.disjoint_from} names {unknown}, which is not another adapter of this model "
+                f"(it has {others or 'no other adapter'}): add that adapter first, or fix the name"
+            )
         super().inject_adapter(model, adapter_name, *args, **kwargs)
-        # supports that depend on several layers can only be chosen once every layer exists
-        self.choose_supports(adapter_name)
+        try:
+            self._check_injected(adapter_name)
+            # supports that depend on several layers can only be chosen once every layer exists
+            self.choose_supports(adapter_name)
+            # the method's per-step work runs around the optimizer's steps, with no user action
+            schedule.attach_automatic(self, adapter_name)
+        except Exception:
+            # refused after injection: take the adapter out again, so the model is as it was
+            _discard_adapter(self.model, adapter_name)
+            self.peft_config.pop(adapter_name, None)
+            raise
+
+    def _check_injected(self, adapter_name: str) -> None:
+        """What can only be checked once every target has its layer: names that matched nothing, a total
+        budget that whole units could not honour."""
+        config = self.peft_config[adapter_name]
+        keys = [k for k, m in self.model.named_modules()
+                if isinstance(m, SparseLayer) and adapter_name in m._all_available_adapter_names()]
+        for suffix in config.module_density or {}:
+            if not any(k == suffix or k.endswith("." + suffix) for k in keys):
+                names = sorted({k.rsplit(".", 1)[-1] for k in keys})
+                raise ValueError(
+                    f"module_density key {suffix!r} matches no adapted module (adapted modules end in {names}): "
+                    "fix the key (a module name or its suffix) or add that module to target_modules"
+                )
+        if config.num_trainable is not None:
+            chosen, _ = self._layers_of(adapter_name)  # coupled rows follow their partner: outside the budget
+            got = sum(d.num_sparse() for d in (m.get_delta(adapter_name) for m in chosen.values()) if d is not None)
+            if abs(got - config.num_trainable) > 0.05 * config.num_trainable:
+                warnings.warn(
+                    f"num_trainable={config.num_trainable:,} was asked, but {got:,} sparse parameters train "
+                    f"({got / config.num_trainable - 1:+.0%}): each layer trains whole units (rows, columns, or heads "
+                    "of head_dim columns) and at least one. For a closer total use allocation='global' (one pool over "
+                    "the layers), fewer target modules, or a budget per layer (density).",
+                    stacklevel=4,
+                )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        schedule.forget(self, adapter_name)
 
     # -- mixed-adapter batches -------------------------------------------------------------------
     @contextmanager
@@ -294,12 +379,15 @@ class SparseModel(BaseTuner):
         return rows
 
     def _head_size(self, config, module_key: str) -> int:
-        """head_dim for the attention output projection when heads are the unit, else 1."""
+        """head_dim for the attention output projection when heads are the unit, else 1: plain columns on
+        every other target, and on every target of a model whose heads the map does not know."""
         if not config.head_groups:
             return 1
         model_config = self.get_model_config(self.model)
-        suffix = architectures.roles_for(model_config).attention_output
-        return architectures.head_dim(model_config) if module_key.endswith("." + suffix) else 1
+        roles = architectures.known_roles(model_config)
+        if roles is None or not (module_key == roles.attention_output or module_key.endswith("." + roles.attention_output)):
+            return 1
+        return architectures.head_dim(model_config)
 
     def _spread_budget(self, config) -> None:
         """Turn a total budget into the density that spreads it over the targets by size (once per config)."""
@@ -318,7 +406,12 @@ class SparseModel(BaseTuner):
                     total += in_features * out_features
         if total == 0:
             return
-        config.density = min(1.0, config.num_trainable / total)
+        if config.num_trainable > total:
+            raise ValueError(
+                f"num_trainable={config.num_trainable:,} is more than the {total:,} weights of the target layers, "
+                "which is all that can train: lower num_trainable or add target_modules"
+            )
+        config.density = config.num_trainable / total
         config._budget_spread = True
 
     def _replace_module(self, parent, child_name, new_module, child):
@@ -343,22 +436,43 @@ class SparseModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        if getattr(config, "store_indices", True) is False:
+        regenerated = getattr(config, "store_indices", True) is False
+        if regenerated:
             # SLTrain: the support is regenerated from the seed at load time, so the file holds values only
             state_dict = {k: v for k, v in state_dict.items() if f".{INDICES}." not in k and not k.endswith(f".{INDICES}")}
-        return hub.pack_frozen(state_dict)
+        return hub.add_layer_records(model, adapter_name, hub.pack_frozen(state_dict), regenerated)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        try:
-            state_dict = hub.unpack_frozen(state_dict)
-            hub.add_optional_buffers(model, adapter_name, state_dict, cls.prefix)  # so that PEFT maps their keys too
-            state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-            hub.check_and_fit(model, adapter_name, state_dict, cls.prefix, config)
-        except ValueError:
-            _discard_adapter(model, adapter_name)
-            raise
+        # A refusal here leaves the model untouched; `PeftModel.from_pretrained` / `load_adapter` then take the
+        # injected layers out again (_peft.install_load_guard).
+        state_dict = hub.unpack_frozen(state_dict)
+        records = hub.pop_layer_records(state_dict)
+        hub.add_optional_buffers(model, adapter_name, state_dict, cls.prefix)  # so that PEFT maps their keys too
+        state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        hub.check_and_fit(model, adapter_name, state_dict, cls.prefix, config, records)
         return state_dict
+
+
+def _refuse_expert_targets(model: nn.Module, config) -> None:
+    """Refuse, with the reason, target_modules that name mixture-of-experts weights kept as fused 3-D
+    parameters (transformers 5's Mixtral, Qwen2-MoE, Qwen3-MoE experts): they are no layers to wrap."""
+    experts = architectures.fused_experts(model)
+    if not experts:
+        return
+    keys = [key for key, _ in model.named_modules()]
+    listed = config.target_modules if isinstance(config.target_modules, (set, list)) else []
+    for name, params in experts:
+        paths = [f"{name}.{p}" for p in params]
+        hits = [t for t in listed if not any(k == t or k.endswith("." + t) for k in keys)
+                and any(t == p or p.endswith("." + t) for p in paths)]
+        if hits or BaseTuner._check_target_module_exists(config, name):
+            named = f"target_modules={sorted(hits)!r} name" if hits else "target_modules matches"
+            raise ValueError(
+                f"{named} the experts of {name}, which are fused 3-D parameters ({', '.join(params)}: experts x out x "
+                f"in), not layers; sparse_peft adapts {SUPPORTED}, so they cannot train. Target the attention "
+                "projections, and shared-expert or dense MLP layers where the model has them (e.g. 'all-linear')."
+            )
 
 
 def _combine(deltas, out_features: int, in_features: int):
@@ -377,11 +491,14 @@ def _combine(deltas, out_features: int, in_features: int):
     return unique, summed, torch.cat(lora_a), torch.cat(lora_b, dim=1)
 
 
-def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Undo the injection of an adapter whose weights were refused, so the model is as before."""
+def _discard_adapter(model: nn.Module, adapter_name: str) -> bool:
+    """Undo the injection of an adapter whose weights were refused, so the model is as before.
+    Returns whether the model held sparse layers of that adapter."""
+    found = False
     for module_name, module in list(model.named_modules()):
         if not isinstance(module, SparseLayer) or adapter_name not in module._all_available_adapter_names():
             continue
+        found = True
         module.delete_adapter(adapter_name)
         if not module._all_available_adapter_names():
             parent_name, _, child_name = module_name.rpartition(".")
@@ -394,6 +511,7 @@ def _discard_adapter(model: nn.Module, adapter_name: str) -> None:
     base = getattr(getattr(model, "base_model", None), "model", None)
     if base is not None and getattr(base, "peft_config", None) == {}:
         del base.peft_config
+    return found
 
 
 __all__ = ["SparseModel", "BaseTunerLayer"]

@@ -52,7 +52,10 @@ class SparseSM3(torch.optim.Optimizer):
             if adapter in layer.sparse_values:
                 self.layer_of[layer.sparse_values[adapter]] = (layer, adapter)
         if not self.layer_of:
-            raise ValueError(f"adapter {adapter!r} has no unstructured sparse values for SparseSM3 to train")
+            raise ValueError(
+                f"adapter {adapter!r} has no unstructured sparse values for SparseSM3 to train: SparseSM3 is for "
+                "structure='unstructured' adapters; use torch.optim.AdamW for the others"
+            )
         super().__init__(list(self.layer_of), dict(lr=lr, eps=eps, weight_decay=weight_decay))
 
     def accumulators(self, values: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:

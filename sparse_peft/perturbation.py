@@ -208,6 +208,10 @@ class PerturbedLinear(Function):
         return dx, None, None, None, None, da, db, None
 
 
+# The noise comes from a torch.Generator made and seeded inside the op, which dynamo cannot trace
+# (an opaque object created mid-graph): under torch.compile this op runs eagerly, a graph break per
+# layer in GGPO's training forwards (eval forwards have no noise and trace whole).
+@torch.compiler.disable
 def perturbed_linear(x, weight, bias, row_std, seed: int, lora_A=None, lora_B=None, scaling: float = 1.0) -> torch.Tensor:
     """x·(W0 + ε + s·B·A)ᵀ + b with ε_ij = row_std_i · Z_ij, Z regenerated from `seed` (see PerturbedLinear).
 

@@ -1,7 +1,7 @@
 """Quickstart: pretrain a tiny Llama offline, fine-tune it with a sparse adapter and with LoRA, compare.
 
-    python -m sparse_peft.quickstart            # a few minutes on CPU
-    python -m sparse_peft.quickstart --quick    # every stage in well under a minute (smoke test)
+    python -m sparse_peft.quickstart            # 2-4 minutes on 2 CPU cores, one of them busy or not
+    python -m sparse_peft.quickstart --quick    # every stage in seconds: a smoke test, its losses mean nothing
 
 Nothing is downloaded. The base model is a small Llama pretrained here on the Python standard
 library's own source (text every machine has) and cached, so a second run skips that. It is then
@@ -50,11 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     from .methods import METHODS
 
     p = argparse.ArgumentParser(prog="sparse-peft-quickstart", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny run of every stage, for tests")
+    p.add_argument("--quick", action="store_true",
+                   help="every stage in seconds (10 pretraining and 10 fine-tuning steps): a smoke test, not a comparison")
     p.add_argument("--steps", type=int, help="fine-tuning steps per method (default 200, --quick 10)")
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 400, --quick 10)")
     p.add_argument("--method", default="dsee", choices=sorted(METHODS), help="sparse method to compare with LoRA")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on a machine with few or busy cores, "
+                   "up to 4 where cores are idle; OMP_NUM_THREADS, if set, is kept)")
     p.add_argument("--output-dir", default="./sparse_peft_quickstart")
     p.add_argument("--cache-dir", help="where pretrained bases are cached (default $XDG_CACHE_HOME/sparse_peft)")
     p.add_argument("--seed", type=int, default=0)
@@ -65,8 +68,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.pretrain_steps = (10 if args.quick else 400) if args.pretrain_steps is None else args.pretrain_steps
     if args.steps < 1 or args.pretrain_steps < 1:
         p.error("--steps and --pretrain-steps must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        p.error("--threads must be at least 1")
     args.n_eval = 32 if args.quick else 200
     return args
+
+
+def cpu_threads(requested=None) -> tuple[int, str]:
+    """How many threads torch gets on the CPU, and why.
+
+    The models here are tiny: a second thread saves little, and one that must wait for a core another
+    process holds stalls every small matmul at its barrier (two threads on a 2-core machine with one
+    core busy took this quickstart 37 minutes, one thread a few). So one thread, unless the machine
+    has idle cores to spare."""
+    if requested:
+        return requested, "--threads"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads(), "OMP_NUM_THREADS"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    idle = int(cores - load)
+    threads = 1 if cores <= 2 else max(1, min(4, idle - 1))  # an idle core kept spare for whatever else starts
+    return threads, f"{cores} cores, load {load:.1f}; --threads to change"
 
 
 # -- the base model ------------------------------------------------------------------------------
@@ -242,8 +265,10 @@ def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, arg
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = warmup_cosine(opt, args.steps)
-    # SpIEL's drop-and-regrow (a no-op for methods without a schedule); a Trainer would use SparseCallback
+    # the method's schedule with the run's length (SpIEL's regrowth and SaRA's progressive step need it); it
+    # runs by itself at every opt.step(), as it would in a Trainer
     sparse = SparseScheduler(model, opt, total_steps=args.steps) if isinstance(peft_config, SparseConfig) else None
+    schedule_stats = set()
     g = torch.Generator().manual_seed(args.seed)  # same batches, in the same order, for every method
     losses, times = [], []
     saved = saved_tensors(model)
@@ -258,7 +283,7 @@ def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, arg
         loss.backward()
         opt.step()
         if sparse is not None:
-            sparse.step()  # after the update, while the gradients are still there
+            schedule_stats.update(sparse.last_stats)
         sched.step(), opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
@@ -267,7 +292,8 @@ def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, arg
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     row = dict(method=label, trainable=sum(p.numel() for p in params), before=before,
                after=evaluate(model, eval_batches), saved=saved.bytes,
-               peak=torch.cuda.max_memory_allocated() if cuda else None, step_ms=1e3 * statistics.median(times))
+               peak=torch.cuda.max_memory_allocated() if cuda else None, step_ms=1e3 * statistics.median(times),
+               schedule=sorted(schedule_stats))
     return model, row, losses
 
 
@@ -328,13 +354,24 @@ def print_table(rows, device) -> None:
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
+    previous = torch.get_num_threads()
+    threads, why = cpu_threads(args.threads)
+    torch.set_num_threads(threads)
+    print(f"torch CPU threads: {threads} ({why})")
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(previous)  # main() may run inside another program (the tests)
+
+
+def run(args) -> int:
     import peft
     from transformers import AutoTokenizer
 
     from . import SparseConfig  # importing the package registers the sparse method with PEFT
     from .methods import lora_budget
 
-    args = parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     if args.model:
@@ -363,6 +400,8 @@ def main(argv=None) -> int:
     for label, config, lr, folder in runs:
         model, row, curves[label] = finetune(label, config, lr, base_path, train, eval_batches, pad_id, args)
         print(f"{label}: {row['trainable']:,} trainable, eval loss {row['before']:.3f} -> {row['after']:.3f}")
+        if row["schedule"]:  # what the method's own steps reported: its whole recipe ran
+            print(f"{label}: schedule ran, reporting {', '.join(row['schedule'])}")
         row["adapter"] = adapter_bytes(model, folder)  # the sparse adapter is the output; LoRA's is kept aside
         if folder == out:
             check_reload(model, base_path, out, eval_batches[0], args.device)

@@ -1,10 +1,16 @@
-"""What happens between optimizer steps: the drop-and-regrow of unstructured supports (SpIEL).
+"""What happens between optimizer steps: the drop-and-regrow of unstructured supports (SpIEL), and
+the per-step work of hooks.py (SaRA's penalty and progressive freeze, GGPO's noise).
 
-`SparseScheduler.step()` runs after every optimizer step: `callbacks.SparseCallback` calls it
-inside any HF or TRL Trainer; a hand-written loop calls it right after `optimizer.step()`, before
-the gradients are zeroed. It counts updates, keeps the regrowth statistics, and at each
-reselection rewrites every layer's indices and values in place (same tensors, same size, so the
-optimizer keeps its references) and moves the optimizer's per-element state with them.
+A schedule belongs to the model, not to the user's memory. Every adapter with one gets a
+`SparseScheduler` when it is created, and two global `torch.optim` step hooks run it around each
+step of the optimizer that trains it: `before_optimizer_step()` when the gradients are complete
+(and clipped), `step()` after the update, before the gradients are zeroed. The HF and TRL trainers
+add `callbacks.SparseCallback` by themselves, which gives the schedule the run's length and saves
+it with checkpoints. Calling the two methods by hand still works and never runs a step twice.
+
+A step counts updates, keeps the regrowth statistics, and at each reselection rewrites every
+layer's indices and values in place (same tensors, same size, so the optimizer keeps its
+references) and moves the optimizer's per-element state with them.
 
 Timeline, with R = reselection_steps and A = accumulation_steps, t counting updates from 1:
 reselections happen after updates A, A + R, A + 2R, ... before the last; each one looks at the A
@@ -15,6 +21,7 @@ paper's choice); later ones drop a fraction that decays to 0 at the last update.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -184,6 +191,16 @@ def _find(model):
     return model, layers
 
 
+def has_schedule(config) -> bool:
+    """Whether an adapter's config asks for work between optimizer steps."""
+    return bool(
+        getattr(config, "reselection_steps", 0)
+        or getattr(config, "nuclear_norm_weight", 0)
+        or getattr(config, "progressive_step", None) is not None
+        or getattr(config, "perturbation", "none") != "none"
+    )
+
+
 class SparseScheduler:
     """What an adapter's method does between optimizer steps: SpIEL's drop-and-regrow, SaRA's
     nuclear-norm subgradient and progressive freeze, LoRA-GGPO's noise refresh (see hooks.py).
@@ -194,18 +211,27 @@ class SparseScheduler:
         total_steps: the number of optimizer steps of the run (the drop fraction decays to 0 there).
         adapter_name: defaults to the model's active adapter.
 
-    In a hand-written loop:
+    Each adapter with a schedule already has one (made with the adapter, without the run's length),
+    and the HF / TRL trainers make theirs. In a hand-written loop, create one before training when the
+    schedule needs the run's length (SpIEL's regrowth, a fractional `progressive_step`); it replaces
+    the adapter's own and runs itself at every `optimizer.step()`:
 
-        loss.backward(); clip_grad_norm_(...)      # as usual
-        scheduler.before_optimizer_step()          # SaRA's penalty gradient, GGPO's next noise scale
-        optimizer.step()
-        scheduler.step()                           # regrowth, progressive freeze; before zero_grad
-        optimizer.zero_grad()
+        scheduler = SparseScheduler(model, optimizer, total_steps=N)
+        for batch in data:
+            model(**batch).loss.backward(); clip_grad_norm_(...)
+            optimizer.step()                       # runs before_optimizer_step() and step() around itself
+            optimizer.zero_grad()
 
-    Both return statistics for logging (a dict) when there are any, else None.
+    `before_optimizer_step()` (after backward and clipping) and `step()` (after the update) may still be
+    called by hand, e.g. where the optimizer is not a `torch.optim.Optimizer` over the adapter's own
+    tensors (DeepSpeed): each optimizer step's work runs once either way. Both return statistics for
+    logging (a dict) when there are any, else None.
     """
 
-    def __init__(self, model, optimizer=None, total_steps: Optional[int] = None, adapter_name: Optional[str] = None):
+    def __init__(
+        self, model, optimizer=None, total_steps: Optional[int] = None, adapter_name: Optional[str] = None,
+        *, _automatic: bool = False,
+    ):
         model, layers = _find(model)
         self.adapter = adapter_name or model.active_adapter
         self.config = model.peft_config[self.adapter]
@@ -215,11 +241,34 @@ class SparseScheduler:
         self.layers = {n: m for n, m in layers.items() if self.adapter in m.sparse_values}
         self.momentum: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.regrowth = getattr(self.config, "reselection_steps", 0) > 0 and bool(self.layers)
-        if self.regrowth:
-            if not total_steps or total_steps <= 0:
-                raise ValueError(f"the regrowth schedule needs the run's total number of optimizer steps (got {total_steps})")
+        # what of the schedule needs the run's length when none is given: an error, now or at the first step
+        self.missing_total = self._missing_total()
+        if self.missing_total and not _automatic:
+            raise ValueError(self.missing_total)
+        # each optimizer step's work runs once, whether the optimizer's hooks or the user call it
+        self._before_done, self._before_stats = False, None
+        self._after_unreported, self._after_stats = False, None
+        self._retired = False
+        self.last_stats: dict = {}
+        self.hooks = self._build_hooks(layers)  # may refuse (GGPO on a quantized layer): before anything changes
+        _register(model, self)  # replaces (retires) the adapter's previous scheduler
+        if self.regrowth and not self.missing_total:
             self._arm_probes()
-        self.hooks = self._build_hooks(layers)
+        # a trainable tensor of this adapter: an optimizer that holds it trains the adapter
+        self._witness = next((m.get_delta(self.adapter).reference for m in layers.values()
+                              if m.get_delta(self.adapter) is not None), None)
+
+    def _missing_total(self) -> str:
+        if self.total is not None and self.total > 0:
+            return ""
+        at = getattr(self.config, "progressive_step", None)
+        if self.regrowth:
+            return (f"the regrowth schedule needs the run's total number of optimizer steps (got total_steps="
+                    f"{self.total}): pass total_steps=N")
+        if isinstance(at, float) and at < 1:
+            return (f"progressive_step={at} as a fraction of the run needs the run's total number of optimizer steps "
+                    f"(got total_steps={self.total}): pass total_steps=N, or give progressive_step as a step number")
+        return ""
 
     def _build_hooks(self, layers) -> list:
         from .hooks import NuclearNorm, Perturbation, Progressive
@@ -229,12 +278,9 @@ class SparseScheduler:
         if getattr(config, "nuclear_norm_weight", 0):
             hooks.append(NuclearNorm(adapter_layers, self.adapter, config.nuclear_norm_weight,
                                      config.nuclear_norm_layers, config.nuclear_norm_rank))
-        if getattr(config, "progressive_step", None) is not None:
+        if getattr(config, "progressive_step", None) is not None and not self.missing_total:
             at = config.progressive_step
             if isinstance(at, float) and at < 1:
-                if not self.total or self.total <= 0:
-                    raise ValueError("progressive_step as a fraction of the run needs the run's total number of "
-                                     f"optimizer steps (got {self.total}); or give progressive_step as a step number")
                 at = max(1, round(at * self.total))
             hooks.append(Progressive(adapter_layers, self.adapter, int(at), config.threshold, self.optimizer))
         if getattr(config, "perturbation", "none") == "ggpo":
@@ -247,12 +293,32 @@ class SparseScheduler:
         return self.regrowth or bool(self.hooks)
 
     def before_optimizer_step(self) -> Optional[dict]:
-        """Call after backward (and clipping), before `optimizer.step()`."""
-        stats = {}
-        for hook in self.hooks:
-            if hasattr(hook, "before_optimizer_step"):
-                stats.update(hook.before_optimizer_step(self.step_count + 1))
-        return stats or None
+        """The work before an update (after backward and clipping). The optimizer's step hook calls it;
+        a call by hand before `optimizer.step()` runs it there instead, once."""
+        if self._retired:
+            return None
+        self._refuse_without_total()
+        if not self._before_done:
+            stats = {}
+            for hook in self.hooks:
+                if hasattr(hook, "before_optimizer_step"):
+                    stats.update(hook.before_optimizer_step(self.step_count + 1))
+            self._before_done, self._before_stats = True, stats or None
+        return self._before_stats
+
+    def _refuse_without_total(self) -> None:
+        if self.missing_total:
+            raise RuntimeError(
+                f"adapter {self.adapter!r}: {self.missing_total}. An optimizer step cannot know it: before training, "
+                "create `sparse_peft.SparseScheduler(model, optimizer, total_steps=N)` (it then runs by itself at "
+                "every optimizer.step()), or train with the HF / TRL Trainer, which does this for you."
+            )
+
+    def _retire(self) -> None:
+        """Another scheduler took over this adapter: stop, and leave it no probe of ours."""
+        self._retired = True
+        for layer in self.layers.values():
+            layer.sparse_probe.pop(self.adapter, None)
 
     def _is_reselection(self, t: int) -> bool:
         a, r = self.config.accumulation_steps, self.config.reselection_steps
@@ -328,9 +394,22 @@ class SparseScheduler:
                 hook.load_state_dict(state, self.step_count)
 
     def step(self) -> Optional[dict]:
+        """The work after an update, before the gradients are zeroed. The optimizer's step hook calls it;
+        a call by hand after `optimizer.step()` returns what that step's hook did."""
+        if self._retired:
+            return None
+        if self._after_unreported:
+            self._after_unreported = False
+            return self._after_stats
+        return self._after_update()
+
+    def _after_update(self) -> Optional[dict]:
+        before, self._before_done = self._before_stats if self._before_done else None, False
         if not self.enabled:
             return None
+        self._refuse_without_total()
         self.step_count += 1
+        self.last_stats = dict(before or {})  # the whole last step's statistics, before and after the update
         stats = {}
         if self.regrowth:
             if self.config.regrowth == "momentum":
@@ -341,6 +420,7 @@ class SparseScheduler:
         for hook in self.hooks:
             if hasattr(hook, "after_optimizer_step"):
                 stats.update(hook.after_optimizer_step(self.step_count))
+        self.last_stats.update(stats)
         return stats or None
 
     @torch.no_grad()
@@ -390,3 +470,90 @@ class SparseScheduler:
             "sparse/regrown": regrown,
             "sparse/churn": regrown / max(total_k, 1),
         }
+
+
+# -- schedules run by the optimizer ---------------------------------------------------------------------
+# tuner (weakly) -> {adapter name: its SparseScheduler}. The model's own reference to a scheduler is
+# here, not in the module tree, so deepcopy and state_dict never see it.
+_SCHEDULES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _register(model, scheduler: SparseScheduler) -> None:
+    tuner = getattr(model, "base_model", None) if hasattr(model, "get_base_model") else model
+    tuner = tuner if tuner is not None else model
+    by_adapter = _SCHEDULES.setdefault(tuner, {})
+    previous = by_adapter.get(scheduler.adapter)
+    if previous is not None and previous is not scheduler:
+        previous._retire()
+    by_adapter[scheduler.adapter] = scheduler
+
+
+def forget(model, adapter_name: str) -> None:
+    """The adapter was deleted: its scheduler stops."""
+    for tuner in (model, getattr(model, "base_model", None)):
+        if tuner is not None and tuner in _SCHEDULES:
+            scheduler = _SCHEDULES[tuner].pop(adapter_name, None)
+            if scheduler is not None:
+                scheduler._retire()
+
+
+def attach_automatic(model, adapter_name: str) -> None:
+    """Give a new trainable adapter with a schedule its scheduler (the run's length unknown yet)."""
+    config = model.peft_config[adapter_name]
+    if has_schedule(config) and not getattr(config, "inference_mode", False):
+        SparseScheduler(model, None, None, adapter_name, _automatic=True)
+
+
+_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optimizer -> (param count, ids)
+
+
+def _trains(optimizer, tensor) -> bool:
+    count = sum(len(group["params"]) for group in optimizer.param_groups)
+    cached = _PARAMS.get(optimizer)
+    if cached is None or cached[0] != count:
+        cached = _PARAMS[optimizer] = (count, {id(p) for group in optimizer.param_groups for p in group["params"]})
+    return id(tensor) in cached[1]
+
+
+def _schedulers_of(optimizer, bind: bool) -> list:
+    """The live schedulers this optimizer's step drives; with `bind`, adopt those of adapters it trains."""
+    found = []
+    for by_adapter in list(_SCHEDULES.values()):
+        for scheduler in list(by_adapter.values()):
+            if not scheduler.enabled or scheduler._witness is None:
+                continue
+            bound = _unwrap_optimizer(scheduler.optimizer)
+            if bound is optimizer:
+                found.append(scheduler)
+            elif bind and (bound is None or not isinstance(bound, torch.optim.Optimizer)) and _trains(optimizer, scheduler._witness):
+                scheduler.optimizer = optimizer  # its state now follows the indices too
+                for hook in scheduler.hooks:
+                    if hasattr(hook, "optimizer"):
+                        hook.optimizer = optimizer
+                found.append(scheduler)
+    return found
+
+
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    if _SCHEDULES:
+        for scheduler in _schedulers_of(optimizer, bind=True):
+            scheduler.before_optimizer_step()
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    if _SCHEDULES:
+        for scheduler in _schedulers_of(optimizer, bind=False):
+            if not scheduler._retired:
+                scheduler._after_stats, scheduler._after_unreported = scheduler._after_update(), True
+
+
+def install_optimizer_hooks() -> None:
+    """Register the two global optimizer step hooks, once per process (re-imports replace them)."""
+    from torch.optim import optimizer as optim_module
+
+    for handle in getattr(optim_module, "_sparse_peft_hooks", ()):
+        handle.remove()
+    optim_module._sparse_peft_hooks = (
+        optim_module.register_optimizer_step_pre_hook(_before_optimizer_step),
+        optim_module.register_optimizer_step_post_hook(_after_optimizer_step),
+    )

@@ -61,7 +61,10 @@ def _pick(rule: str, k: int, n: int, seed: int, scores_fn, exclude: Optional[tor
         allowed = torch.ones(n, dtype=torch.bool)
         allowed[exclude.long().cpu()] = False
         if int(allowed.sum()) < k:
-            raise ValueError(f"cannot choose {k} units disjoint from the {exclude.numel()} already taken (of {n})")
+            raise ValueError(
+                f"cannot choose {k} units disjoint from the {exclude.numel()} that the adapters in disjoint_from "
+                f"already take (of {n} on this layer): lower this adapter's density (or theirs), or drop disjoint_from"
+            )
     if rule == "random":
         if allowed is None:
             return random_subset(n, k, seed)

@@ -152,7 +152,8 @@ def from_pretrained(folder: str, model_class=None, **kwargs) -> nn.Module:
                          f"{unexpected[:3]}); the file was saved from another model or is corrupt")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[key].shape)}")
+            raise ValueError(f"{folder}: {key} has shape {tuple(tensor.shape)}, the model needs {tuple(expected[key].shape)}; "
+                             "the file was saved from another model or is corrupt")
     model.load_state_dict(state, strict=False)
     if hasattr(model, "tie_weights"):
         model.tie_weights()

@@ -34,10 +34,19 @@ def test_fullgraph_compile_matches_eager(method, monkeypatch):
     eager.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    loss = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids, labels=ids).loss
+    # GGPO's noisy training forward draws its noise eagerly (perturbation.perturbed_linear): a graph
+    # break per layer, so it compiles without fullgraph; its eval forward is checked whole below
+    fullgraph = method != "lora_ggpo"
+    loss = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.testing.assert_close(loss, eager)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert got.keys() == expected.keys() and expected
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+    if not fullgraph:
+        model.eval()
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(input_ids=ids).logits
+            torch.testing.assert_close(compiled, model(input_ids=ids).logits)

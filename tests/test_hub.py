@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -174,3 +175,100 @@ def test_model_card_says_what_the_adapter_is_and_how_to_load_it(tmp_path):
     assert f"sparse_peft {sparse_peft.__version__}" in card and "library_name: peft" in card
     n = sum(m.get_delta("default").num_trainable() for m in model.modules() if isinstance(m, SparseLayer))
     assert f"{n:,} trainable parameters" in card
+
+
+# -- an adapter never loads into a base it does not fit (issue #13, item 2) ------------------------------
+def _linear_pair(width: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.Tanh(), torch.nn.Linear(width, 8))
+
+
+@pytest.mark.parametrize("method", ["spiel", "sara"])
+def test_an_unstructured_adapter_is_refused_by_a_wider_base_whose_indices_it_would_fit(tmp_path, method):
+    model = get_peft_model(_linear_pair(8), SparseConfig(method=method, target_modules=["0", "2"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    wider = _linear_pair(16)  # 8×8 flat indices are all in range of a 16×16 weight
+    x = torch.randn(3, 16)
+    before = wider(x)
+    with pytest.raises(ValueError, match=r"0: the adapter was trained on a weight of shape \(8, 8\), but this model's "
+                                         r"is \(16, 16\); the adapter was trained on another base model"):
+        PeftModel.from_pretrained(wider, tmp_path)
+    assert not any(isinstance(m, SparseLayer) for m in wider.modules()) and torch.equal(wider(x), before)
+
+
+def test_an_s2ft_adapter_is_refused_by_another_ffn_width(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def llama(ffn):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=ffn, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2))
+
+    get_peft_model(llama(64), SparseConfig(method="s2ft")).save_pretrained(tmp_path)
+    other = llama(96)  # down_proj's chosen columns are all below 64: in range of the wider FFN too
+    with pytest.raises(ValueError, match=r"down_proj: the adapter was trained on a weight of shape \(32, 64\), but "
+                                         r"this model's is \(32, 96\)"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not any(isinstance(m, SparseLayer) for m in other.modules())
+
+
+def test_a_file_without_shape_records_still_loads_and_says_so(saved):
+    base, path, out = saved
+    _tamper(path, lambda t: [t.pop(k) for k in list(t) if k.endswith("sparse_weight_shape")])
+    with pytest.warns(UserWarning, match="no weight-shape records"):
+        model = PeftModel.from_pretrained(copy.deepcopy(base), path)
+    torch.testing.assert_close(model(X).logits, out)
+
+
+def test_a_malformed_shape_record_is_refused(saved):
+    base, path, _ = saved
+    _tamper(path, lambda t: t.__setitem__(_key(t, "sparse_weight_shape"), torch.tensor([1.5, 2.0])))
+    fresh = copy.deepcopy(base)
+    original = fresh(X).logits
+    with pytest.raises(ValueError, match="sparse_weight_shape is missing or malformed"):
+        PeftModel.from_pretrained(fresh, path)
+    _assert_untouched(fresh, original)
+
+
+@pytest.mark.parametrize("cut", [10, 2000, -100])
+def test_a_truncated_file_is_refused_naming_it_and_the_model_is_untouched(saved, cut):
+    base, path, _ = saved
+    file = path / "adapter_model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes(data[:cut])
+    fresh = copy.deepcopy(base)
+    original = fresh(X).logits
+    with pytest.raises(ValueError, match=f"cannot read the sparse adapter at '{path}'.*truncated or corrupt"):
+        PeftModel.from_pretrained(fresh, path)
+    _assert_untouched(fresh, original)
+    # a second adapter from the same file: refused, the first one stays as it was
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules="all-linear", density=0.1, init_weights=False))
+    out = model(X).logits
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        model.load_adapter(path, adapter_name="second")
+    assert set(model.peft_config) == {"default"}
+    assert all("second" not in m._all_available_adapter_names() for m in model.modules() if isinstance(m, SparseLayer))
+    assert torch.equal(model(X).logits, out)
+
+
+def test_sltrain_with_an_edited_seed_is_refused_and_a_clean_load_reports_no_missing_keys(tmp_path):
+    model = get_peft_model(tiny_llama(), SparseConfig(method="sltrain", target_modules="all-linear", init_weights=False))
+    out = model(X).logits
+    model.save_pretrained(tmp_path)
+    assert not any(k.endswith("sparse_indices") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    with warnings.catch_warnings():  # PEFT warns "Found missing adapter keys" for what a load did not fill
+        warnings.filterwarnings("error", message="Found missing adapter keys")
+        again = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    torch.testing.assert_close(again(X).logits, out)
+    result = again.load_adapter(tmp_path, adapter_name="second")
+    assert result.missing_keys == [] and result.unexpected_keys == []
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config["seed"] += 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    fresh = tiny_llama()
+    original = fresh(X).logits
+    with pytest.raises(ValueError, match=r"the support regenerated from seed=1 is not the one this adapter was trained"):
+        PeftModel.from_pretrained(fresh, tmp_path)
+    _assert_untouched(fresh, original)
+

@@ -57,7 +57,7 @@ def test_method_presets_fill_only_unset_fields():
         (dict(equivalent_rank=0), "equivalent_rank"),
         (dict(num_trainable=0), "num_trainable"),
         (dict(equivalent_rank=4, r=4), "no budget for the sparse part"),
-        (dict(num_trainable=5, equivalent_rank=2), "not both"),
+        (dict(num_trainable=5, equivalent_rank=2), "both set the per-layer budget"),
         (dict(reselection_steps=5, structure="rows"), "structure='unstructured'"),
         (dict(reselection_steps=5, accumulation_steps=6), "accumulation_steps"),
         (dict(reselection_steps=5, regrowth="magic"), "regrowth"),

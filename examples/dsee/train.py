@@ -11,7 +11,7 @@ import sys
 from trl import SFTTrainer
 
 import sparse_peft
-from sparse_peft import SparseCallback, SparseConfig
+from sparse_peft import SparseConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/common.py
 import common  # noqa: E402
@@ -31,7 +31,6 @@ def main(argv=None):
                           task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=common.sft_config(args), train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, peft_config=config)
-    SparseCallback.attach(trainer)  # DSEE has no schedule: a no-op, kept so that every script is alike
     trainer.model.print_trainable_parameters()
 
     before = common.eval_loss(trainer.model, trainer)

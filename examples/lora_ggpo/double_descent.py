@@ -13,8 +13,8 @@ gradient's norms), which pushes it towards flat minima. The paper (arXiv 2502.14
 this script measures it.
 
 Both get the same base, data, steps, learning rate and seeds; only the perturbation differs: plain LoRA
-is `SparseConfig(structure="none", r=8)`, the same low-rank code without noise. The loop is plain PyTorch with a
-`SparseScheduler`, which is what `SparseCallback` runs inside a Trainer.
+is `SparseConfig(structure="none", r=8)`, the same low-rank code without noise. The loop is plain PyTorch; the
+`SparseScheduler` it makes runs around every `opt.step()` by itself, as inside a Trainer.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def finetune(base, config, x, y, x_test, y_test, args, seed) -> list[float]:
     torch.manual_seed(seed)  # the same adapter initialisation for both methods
     model = get_peft_model(copy.deepcopy(base), config)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    scheduler = SparseScheduler(model, opt, total_steps=args.steps)  # GGPO's noise scale; a no-op for plain LoRA
+    SparseScheduler(model, opt, total_steps=args.steps)  # GGPO's noise; it runs around every opt.step() by itself
     curve, measure = [], set(eval_steps(args.steps))
     for step in range(args.steps + 1):
         if step in measure:
@@ -90,9 +90,7 @@ def finetune(base, config, x, y, x_test, y_test, args, seed) -> list[float]:
         if step == args.steps:
             return curve
         F.mse_loss(model(x), y).backward()
-        scheduler.before_optimizer_step()  # the next forwards' noise scale, from these gradients
-        opt.step()
-        scheduler.step()
+        opt.step()  # its pre-step hook sets the next forwards' noise scale from these gradients
         opt.zero_grad()
 
 
@@ -131,7 +129,8 @@ def main(argv=None):
     p.add_argument("--sigma", type=float, nargs="+", default=[0.03, 0.3],
                    help="GGPO noise scales to compare: the paper's 0.03 and a 10x larger one (default %(default)s)")
     p.add_argument("--beta", type=float, default=0.01, help="GGPO gradient-norm weight (default %(default)s)")
-    p.add_argument("--output_dir", default="ggpo-double-descent", help="where the plot goes (default %(default)s)")
+    p.add_argument("--output_dir", default="out/ggpo-double-descent",
+                   help="where the plot goes (default %(default)s; out/ is git-ignored)")
     args = p.parse_args(argv)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)

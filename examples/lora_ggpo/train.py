@@ -11,7 +11,7 @@ import sys
 
 from trl import SFTTrainer
 
-from sparse_peft import SparseCallback, SparseConfig
+from sparse_peft import SparseConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/common.py
 import common  # noqa: E402
@@ -32,7 +32,6 @@ def main(argv=None):
                          processing_class=tokenizer, peft_config=config)
     # refreshes the noise scale before every optimizer step, from the clipped gradients; logs it as
     # sparse/perturbation_std (the mean per-entry std over the layers). Without it the noise never adapts.
-    SparseCallback.attach(trainer)
     trainer.model.print_trainable_parameters()
 
     before = common.eval_loss(trainer.model, trainer)  # eval forwards are clean: the noise is for training only

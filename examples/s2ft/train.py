@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from trl import SFTTrainer
 
 import sparse_peft
-from sparse_peft import SparseCallback, SparseConfig
+from sparse_peft import SparseConfig
 from sparse_peft.selection import CALIBRATION_RULES
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/common.py
@@ -44,7 +44,6 @@ def main(argv=None):
     config = SparseConfig(method="s2ft", selection=args.selection, density=args.density, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=common.sft_config(args), train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, peft_config=config)
-    SparseCallback.attach(trainer)  # S²FT has no schedule: a no-op, kept so that every script is alike
     if config.selection in CALIBRATION_RULES:
         # the extra step: score the columns on training data. Until then the support is a placeholder and the
         # adapter refuses to train. Before trainer.train(), which creates the optimizer over the chosen columns.

@@ -10,7 +10,7 @@ import sys
 
 from trl import SFTTrainer
 
-from sparse_peft import SparseCallback, SparseConfig
+from sparse_peft import SparseConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/common.py
 import common  # noqa: E402
@@ -36,7 +36,6 @@ def main(argv=None):
                          processing_class=tokenizer, peft_config=config)
     # runs the penalty before every optimizer step and the progressive freeze once; logs sparse/nuclear_norm
     # (the penalised layer's ||ΔW||_*) and, at the freeze, sparse/progressive_kept (the fraction still training)
-    SparseCallback.attach(trainer)
     trainer.model.print_trainable_parameters()
 
     before = common.eval_loss(trainer.model, trainer)

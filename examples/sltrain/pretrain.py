@@ -47,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, help="optimizer steps per model (default 600, --quick 8)")
     p.add_argument("--quick", action="store_true", help="tiny model, few steps: seconds")
-    p.add_argument("--out", default="sltrain-pretrain", help="folder for the SLTrain model, results and plot")
+    p.add_argument("--out", default="out/sltrain-pretrain",
+                   help="folder for the SLTrain model, results and plot (default %(default)s; out/ is git-ignored)")
     p.add_argument("--plot", action="store_true", help="write val_curves.png, the three validation curves")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--batch", type=int, help="sequences per step (default 16, --quick 4)")

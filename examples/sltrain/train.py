@@ -10,7 +10,7 @@ import sys
 
 from trl import SFTTrainer
 
-from sparse_peft import SparseCallback, SparseConfig
+from sparse_peft import SparseConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # examples/common.py
 import common  # noqa: E402
@@ -29,7 +29,6 @@ def main(argv=None):
                           target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=common.sft_config(args), train_dataset=train, eval_dataset=evals,
                          processing_class=tokenizer, peft_config=config)
-    SparseCallback.attach(trainer)  # SLTrain has no schedule: a no-op, kept so that every script is alike
     trainer.model.print_trainable_parameters()
 
     before = common.eval_loss(trainer.model, trainer)

@@ -19,7 +19,12 @@ class Method:
     title: str
     paper: str
     defaults: dict = field(default_factory=dict)
-    # default targets by role in the architecture map (see architectures.py), when the user names none
+    # The layers it adapts when the user names no target_modules (architectures.default_targets):
+    # "all-linear" (every nn.Linear / Conv1D but the output head, PEFT's rule), "all-layers" (those and
+    # nn.Conv2d), "query_value" (the attention query and value projections, LoRA's classic choice),
+    # "roles" (the roles below, from the architecture map). Each method file says why, from its paper.
+    default_targets: str = "all-linear"
+    # default targets by role in the architecture map (see architectures.py), for default_targets="roles"
     target_roles: tuple = ()
     # What of the method is not built yet. Non-empty means `SparseConfig` warns when it is chosen.
     missing: str = ""

@@ -105,7 +105,7 @@ def test_low_precision_base_keeps_the_adapter_out_of_the_noisy_weight():
     assert torch.equal(layer(x), reference(x))
 
 
-def test_without_the_schedule_it_is_plain_lora_and_matches_peft():
+def test_at_eval_it_is_plain_lora_and_matches_peft_and_trains_noisy_with_no_schedule_attached():
     base = _mlp()
     ours = get_peft_model(copy.deepcopy(base), SparseConfig(method="lora_ggpo", target_modules=["0", "2"], init_weights=False))
     x = torch.randn(5, 16, dtype=torch.float64)
@@ -114,8 +114,11 @@ def test_without_the_schedule_it_is_plain_lora_and_matches_peft():
         lora = peft_lora.base_model.model.get_submodule(name.removeprefix("base_model.model."))
         lora.lora_A["default"].weight.data.copy_(layer.sparse_lora_A["default"])
         lora.lora_B["default"].weight.data.copy_(layer.sparse_lora_B["default"])
-    ours.train(), peft_lora.train()
+    ours.eval(), peft_lora.eval()
     assert torch.allclose(ours(x), peft_lora(x))
+    # training forwards carry the noise from the adapter's creation on: nothing to attach
+    ours.train(), peft_lora.train()
+    assert not torch.allclose(ours(x), peft_lora(x))
 
 
 def test_ggpo_trains_with_the_trainer_callback_and_logs_its_noise_scale():

@@ -105,9 +105,10 @@ def _regression_run(regrowth, reselection_steps, steps=60, seed=0):
     with torch.no_grad():
         hit = torch.randperm(24 * 24)[:24]
         target.proj.weight.view(-1)[hit] += 1.0
+    # the regrowth knobs only with regrowth (with reselection_steps=0 they would be refused as unused)
+    knobs = dict(accumulation_steps=2, initial_reselection_rate=0.5, regrowth=regrowth) if reselection_steps else {}
     config = SparseConfig(
-        target_modules=["proj"], density=24 / (24 * 24), reselection_steps=reselection_steps, accumulation_steps=2,
-        initial_reselection_rate=0.5, regrowth=regrowth, seed=seed,
+        target_modules=["proj"], density=24 / (24 * 24), reselection_steps=reselection_steps, seed=seed, **knobs
     )
     model = get_peft_model(student, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
@@ -227,9 +228,9 @@ def test_momentum_regrowth_matches_a_brute_force_sm3_reference():
     row_acc, col_acc = [0.0] * 24, [0.0] * 24
     for step in range(1, 4):
         model(torch.randn(16, 24) * torch.linspace(0.1, 3, 24)).pow(2).mean().backward()
-        optimizer.step()
         grads, indices = values.grad.clone(), layer.sparse_indices["default"].tolist()
-        before_values = values.detach().clone()
+        before_values = values.detach() - 0.1 * grads  # the SGD update; the regrowth sees these values
+        optimizer.step()  # the schedule runs in the optimizer's step hooks, right after the update
         u = [min(row_acc[p // 24], col_acc[p % 24]) + float(g) ** 2 for p, g in zip(indices, grads)]
         new_row, new_col = list(row_acc), list(col_acc)
         for p, uj in zip(indices, u):
@@ -259,9 +260,8 @@ def _distill(reselection_steps, steps=60):
             if isinstance(module, nn.Linear) and "lm_head" not in name:
                 w = module.weight.view(-1)
                 w[torch.randperm(w.numel(), generator=g)[: w.numel() // 50]] += 0.3
-    config = SparseConfig(
-        target_modules="all-linear", density=0.02, reselection_steps=reselection_steps, accumulation_steps=2, seed=3
-    )
+    knobs = dict(accumulation_steps=2) if reselection_steps else {}
+    config = SparseConfig(target_modules="all-linear", density=0.02, reselection_steps=reselection_steps, seed=3, **knobs)
     model = get_peft_model(student, config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.02, weight_decay=0.0)
     scheduler = SparseScheduler(model, optimizer, total_steps=steps)
@@ -367,9 +367,13 @@ def test_sm3_matches_a_hand_written_update_and_feeds_momentum_regrowth():
         for j, pos in enumerate(idx.tolist()):
             row[pos // 24] = max(row[pos // 24], u_all[j])
             col[pos % 24] = max(col[pos % 24], u_all[j])
-        optimizer.step()
-        assert torch.allclose(values.detach(), expected, atol=1e-6)
-        scheduler.step()
+        optimizer.step()  # the update, then (step 2) the regrowth, in the optimizer's step hooks
+        # every position still in the support holds its hand-computed update
+        expected_at = dict(zip(idx.tolist(), expected.tolist()))
+        for j, pos in enumerate(layer.sparse_indices["default"].tolist()):
+            if pos in expected_at:
+                assert abs(float(values[j]) - expected_at[pos]) < 1e-6
+        assert step + 1 != 2 or scheduler.step()["sparse/regrown"] > 0
         optimizer.zero_grad()
     state = optimizer.state[values]
     assert torch.allclose(state["row"], row) and torch.allclose(state["col"], col)
