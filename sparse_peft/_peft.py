@@ -57,6 +57,17 @@ def register(config_cls, model_cls) -> None:
     PEFT_TYPE_TO_TUNER_MAPPING[key] = model_cls
 
 
+def all_linear_layer_names(model, task_type=None) -> set[str]:
+    """PEFT's own resolution of target_modules="all-linear" for this model (every linear layer but the
+    output head and adapter internals), through its private helper."""
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import _maybe_include_all_linear_layers
+
+    config = SimpleNamespace(target_modules="all-linear", task_type=task_type)
+    return set(_maybe_include_all_linear_layers(config, model).target_modules)
+
+
 def install_model_card_hook() -> None:
     """Have `PeftModel.save_pretrained` (hence `push_to_hub`'s save too) add our section to the model card.
 

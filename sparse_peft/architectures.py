@@ -26,6 +26,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch.nn as nn
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+from ._peft import all_linear_layer_names
 
 # where sparse_peft says which targets it chose for the user (one line per adapter)
 logger = logging.getLogger("sparse_peft")
@@ -219,9 +223,7 @@ def default_targets(model: nn.Module, model_config: dict, rule: str, roles: tupl
         mapped = known_roles(model_config)
         if mapped is not None and mapped.query:
             return _present(model, role_targets(model_config, ("query", "value"), method))
-        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as lora_defaults
-
-        found = lora_defaults.get(model_config.get("model_type"))
+        found = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(model_config.get("model_type"))
         if found is None:
             raise ValueError(
                 f"method={method!r} defaults to the attention query and value projections, and neither sparse_peft's "
@@ -230,13 +232,7 @@ def default_targets(model: nn.Module, model_config: dict, rule: str, roles: tupl
             )
         return found if isinstance(found, str) else set(found)
     if rule in ("all-linear", "all-layers"):
-        from types import SimpleNamespace
-
-        from peft.tuners.tuners_utils import BaseTunerLayer, _maybe_include_all_linear_layers
-
-        # PEFT's own resolution of "all-linear" (it leaves out the output head and adapter internals)
-        names = _maybe_include_all_linear_layers(SimpleNamespace(target_modules="all-linear", task_type=task_type),
-                                                 model).target_modules
+        names = all_linear_layer_names(model, task_type)
         if rule == "all-layers":
             inside = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)
                       for c, _ in m.named_modules() if c}
