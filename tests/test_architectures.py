@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from sparse_peft import SparseConfig, architectures
 
 from .conftest import Conv2dModel, tiny_llama
-from .methods.test_s2ft import _adapted
+from .methods.test_s2ft import _adapted, assert_gradients_equal_dense
 
 COMMON = dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
 
@@ -99,22 +99,6 @@ def _within_layer(name):
     return name.split(".layers.")[-1].split(".h.")[-1]
 
 
-def _assert_gradients_equal_dense(model, x):
-    """float64: every trained block's gradient is that of dense training of the merged weight at its
-    columns (or rows), the reference being ordinary autograd on a merged copy."""
-    model(x, labels=x).loss.backward()
-    reference = copy.deepcopy(model).merge_and_unload().requires_grad_(True)
-    reference(x, labels=x).loss.backward()
-    for name, layer in _adapted(model).items():
-        weight = reference.get_submodule(name.removeprefix("base_model.model.")).weight
-        if "default" in layer.sparse_row_index:
-            rows = layer.sparse_row_index["default"].long()
-            assert torch.allclose(layer.sparse_row_block["default"].grad, weight.grad[rows], atol=1e-10), name
-        else:
-            cols = layer.sparse_col_index["default"].long()
-            assert torch.allclose(layer.sparse_col_block["default"].grad, weight.grad[:, cols], atol=1e-10), name
-
-
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_s2ft_default_targets_whole_heads_and_exact_gradients(family):
     factory, head_dim, attention_output, expected = FAMILIES[family]
@@ -134,7 +118,7 @@ def test_s2ft_default_targets_whole_heads_and_exact_gradients(family):
             heads_seen += 1
     assert heads_seen == 2
     x = torch.randint(0, 128, (2, 7))
-    _assert_gradients_equal_dense(model, x)
+    assert_gradients_equal_dense(model, x)
 
 
 @pytest.mark.parametrize("family, coupled", [("gemma2", ["ffn_up", "value"]), ("gpt_neox", ["ffn_up"]),
@@ -153,7 +137,7 @@ def test_coupled_rows_where_the_producing_layers_are_separate(family, coupled):
             if name.endswith("." + up):  # FFN channel j: row j of up/gate, column j of down
                 down = name[: -len(up)] + mapped.ffn_down
                 assert torch.equal(idx, layers[down].sparse_col_index["default"].long())
-    _assert_gradients_equal_dense(model, torch.randint(0, 128, (2, 7)))
+    assert_gradients_equal_dense(model, torch.randint(0, 128, (2, 7)))
 
 
 @pytest.mark.parametrize("family, role, match", [
