@@ -7,7 +7,7 @@
 it leaves out every transient a step builds and drops: a scratch copy of a weight (the fused
 one-GEMM path, GGPO's noisy weight), the dense weight-gradient blocks of the unstructured update,
 SpIEL's gradient probe, SaRA's dense ΔW for its nuclear-norm penalty, the optimizer's temporaries.
-This script measures all of it: `sparse_peft.measure.peak_memory` replays every allocation torch's
+This script measures all of it: `sparse_peft.memory.peak_memory` replays every allocation torch's
 CPU allocator makes during a step (forward, backward, the method's schedule, AdamW step,
 zero_grad(set_to_none=True)), and reports the most bytes held at once beyond what was there before
 (frozen weights, adapter parameters, AdamW state). Byte counts, exact, independent of machine load.
@@ -44,7 +44,7 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirna
 import torch  # noqa: E402
 
 from sparse_peft import METHODS, SparseScheduler  # noqa: E402
-from sparse_peft.measure import peak_memory, saved_tensors  # noqa: E402
+from sparse_peft.memory import peak_memory, saved_tensors  # noqa: E402
 
 
 def _load_run():

@@ -46,7 +46,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import sparse_peft  # noqa: F401  (registers SparseConfig with PEFT)
 from sparse_peft import METHODS, SparseConfig, SparseScheduler, calibrate
 from sparse_peft.methods import lora_budget
-from sparse_peft.measure import saved_tensors
+from sparse_peft.memory import saved_tensors
 from sparse_peft.selection import ACTIVATION_RULES
 
 
@@ -752,7 +752,7 @@ the fused one-GEMM path (SpIEL, SaRA, DSEE and SLTrain on fp32 `nn.Linear` layer
 the dense blocks of the weight gradient dyᵀx that the unstructured update forms above
 `ops.SPARSE_KERNEL_BELOW_DENSITY` (for layers up to 2²² entries, the whole out × in), SpIEL's
 gradient probe, SaRA's dense ΔW for its nuclear-norm penalty, the optimizer's temporaries. These
-tables count them: `sparse_peft.measure.peak_memory` replays every allocation of torch's allocator
+tables count them: `sparse_peft.memory.peak_memory` replays every allocation of torch's allocator
 during one step (forward, backward, the method's schedule, AdamW, `zero_grad(set_to_none=True)`) and
 reports the most bytes held at once beyond what existed before it (weights, adapters, AdamW state).
 Exact byte counts, independent of load; produced by `python benchmarks/peak.py` (also alone, about
@@ -767,7 +767,7 @@ takes one layer at a time, path by path (docs/memory.md states what each forms).
 
 ## Pretraining from scratch: SLTrain against full rank
 
-SLTrain's own setting (`sparse_peft.sltrain.convert`): the same model shape trained from random
+SLTrain's own setting (`sparse_peft.pretraining.convert`): the same model shape trained from random
 weights, every block linear replaced by (α/r)·B·A + S, against the plain full-rank model; embeddings,
 norms and the output head stay dense in both. AdamW on every parameter, the same batches, the two
 models taking turns step by step; step is the median over {3 * args.gc_steps} steps after {WARMUP} warm-up steps. The saving

@@ -68,7 +68,7 @@ def all_linear_layer_names(model, task_type=None) -> set[str]:
     return set(_maybe_include_all_linear_layers(config, model).target_modules)
 
 
-def install_model_card_hook() -> None:
+def install_model_card_hook(update_card) -> None:
     """Have `PeftModel.save_pretrained` (hence `push_to_hub`'s save too) add our section to the model card.
 
     PEFT writes the card in `PeftModel.create_or_update_model_card`; we wrap it, once, and only act
@@ -83,9 +83,7 @@ def install_model_card_hook() -> None:
     def create_or_update_model_card(self, output_dir: str):
         original(self, output_dir)
         if any(getattr(c, "peft_type", None) == "SPARSE" for c in self.peft_config.values()):
-            from .hub import update_model_card
-
-            update_model_card(output_dir, self)
+            update_card(output_dir, self)
 
     create_or_update_model_card._sparse_peft = True
     PeftModel.create_or_update_model_card = create_or_update_model_card

@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from ._util import find_peft_model
 from .ops import _BLOCK_ELEMENTS
 from .selection import CALIBRATION_RULES, GRADIENT_RULES
 
@@ -114,9 +115,7 @@ def _accumulator(dtype: torch.dtype) -> torch.dtype:
 
 
 def _peft_model(model):
-    from .schedule import _find
-
-    return _find(model)[0]
+    return find_peft_model(model)[0]
 
 
 def _tokens(batch) -> int:

@@ -22,7 +22,8 @@ import warnings
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
-from .schedule import SparseScheduler, _find, has_schedule
+from ._util import find_peft_model
+from .schedule import SparseScheduler, has_schedule
 
 
 STATE_FILE = "sparse_scheduler.safetensors"
@@ -46,9 +47,9 @@ class SparseCallback(TrainerCallback):
         return callback
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        peft_model, _ = _find(model)
+        peft_model, _ = find_peft_model(model)
         config = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
-        if getattr(config, "peft_type", None) != "SPARSE" or not has_schedule(config):
+        if not has_schedule(config):
             self.scheduler = None  # nothing between steps: a LoRA, a static sparse adapter, no adapter at all
             return
         # a second SparseCallback in the same trainer (one passed in `callbacks=` beside the default)

@@ -25,10 +25,11 @@ from typing import Optional, Union, get_args, get_origin, get_type_hints
 from peft.config import PeftConfig
 
 from .config import SparseConfig
+from .methods import METHODS, knob_fields
 from .selection import CALIBRATION_RULES
 
 
-NOT_FLAGS = {"sparse_peft_version"}  # SparseConfig fills it in itself
+NOT_FLAGS = {"sparse_peft_version", "method_config"}  # filled in by SparseConfig; knobs are flags of their own
 # why TRL's LoRA flags (use_peft, lora_r, ...) are refused rather than ignored: a user who sets them expects a LoRA
 LORA_HINT = "sparse-peft trains a SparseConfig, not TRL's LoRA config"
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet", ".txt": "text"}
@@ -88,14 +89,19 @@ def _decode(value, hint):
 
 
 def _sparse_flags(taken: set[str]) -> dict:
-    """{flag: (SparseConfig field, its type)} for every field the user may set."""
+    """{flag: (SparseConfig field or method knob, its type)} for every field and knob the user may set. A knob is a
+    flag of its own (`--reselection_steps 10`), for every registered method, as `SparseConfig` takes knobs as
+    keyword arguments; a knob two methods share is one flag."""
     hints = get_type_hints(SparseConfig)
     peft_own = {f.name for f in dataclasses.fields(PeftConfig)}  # peft_type, task_type, ...: set here, not by users
-    return {
-        (f"sparse_{f.name}" if f.name in taken else f.name): (f, hints[f.name])
-        for f in dataclasses.fields(SparseConfig)
-        if f.name not in peft_own | NOT_FLAGS
-    }
+    fields = [(f, hints[f.name]) for f in dataclasses.fields(SparseConfig) if f.name not in peft_own | NOT_FLAGS]
+    for method in METHODS.values():
+        knob_hints = get_type_hints(method.Knobs) if method.Knobs is not None else {}
+        fields += [(f, Optional[knob_hints[f.name]]) for f in knob_fields(method)]
+    flags = {}
+    for f, hint in fields:
+        flags.setdefault(f"sparse_{f.name}" if f.name in taken else f.name, (f, hint))
+    return flags
 
 
 def _sparse_arguments(flags: dict):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -9,7 +10,7 @@ from typing import Literal, Optional, Union
 from peft.config import PeftConfig
 
 from ._peft import SparsePeftType
-from .methods import METHODS
+from .methods import FLAT_FIELDS_BEFORE_KNOBS, KNOBS, METHODS, Method, knob_fields
 from .selection import SELECTION_RULES
 from .version import __version__
 
@@ -23,18 +24,8 @@ _GENERAL_DEFAULTS = dict(
     density=0.01,
     r=0,
     head_groups=False,
-    reselection_steps=0,
-    accumulation_steps=5,
-    initial_reselection_rate=0.2,
-    reselection_rate_policy="linear",
-    regrowth="gradient",
     residual_rank=8,
     scale_sparse=False,
-    nuclear_norm_weight=0.0,
-    nuclear_norm_layers=1,
-    perturbation="none",
-    perturbation_sigma=0.03,
-    perturbation_beta=0.01,
     store_indices=True,
 )
 
@@ -50,8 +41,10 @@ class SparseConfig(PeftConfig):
 
     Args:
         method (`str`, *optional*):
-            One of "spiel", "s2ft", "dsee", "sara", "lora_ggpo", "sltrain", or None for the general
-            fields alone.
+            A method's name (`sparse_peft.METHODS`: "spiel", "s2ft", "dsee", "sara", "lora_ggpo",
+            "sltrain", ...), or None for the general fields alone.
+        method_config (`dict`, *optional*):
+            The method's own knobs (its page lists them); they may also be given as keyword arguments.
         structure (`str`, *optional*, defaults to `"unstructured"`):
             Shape of the sparse part: "unstructured" (single entries), "rows" (whole output rows),
             "columns" (whole input columns) or "none" (low-rank only).
@@ -85,37 +78,10 @@ class SparseConfig(PeftConfig):
             Rank of the low-rank part; 0 for none.
         lora_alpha (`float`, *optional*):
             The low-rank part is scaled by lora_alpha / r; defaults to r (a scale of 1).
-        reselection_steps (`int`, *optional*, defaults to `0`):
-            Every this many optimizer steps, drop part of an unstructured support and regrow it
-            elsewhere (SpIEL). 0 keeps the support fixed.
-        accumulation_steps (`int`, *optional*, defaults to `5`):
-            Optimizer steps of gradient statistics behind each regrowth; the first regrowth comes
-            after this many steps.
-        initial_reselection_rate (`float`, *optional*, defaults to `0.2`):
-            Fraction of the support dropped at a regrowth, decaying over training.
-        reselection_rate_policy (`str`, *optional*, defaults to `"linear"`):
-            How that fraction decays to 0 at the last step: "linear" or "cosine".
-        regrowth (`str`, *optional*, defaults to `"gradient"`):
-            Where new entries grow: "gradient" (largest accumulated gradient) or "momentum"
-            (largest SM3-style row × column accumulator, O(rows + cols) memory).
-        threshold (`float`, *optional*):
-            SaRA: train every entry with |w| below this absolute value instead of a fraction.
         residual_rank (`int`, *optional*, defaults to `8`):
             DSEE: rank of the low-rank fit whose residual "lowrank_residual" scores.
         scale_sparse (`bool`, *optional*, defaults to `False`):
             Scale the sparse part by lora_alpha / r too (DSEE).
-        nuclear_norm_weight (`float`, *optional*, defaults to `0`):
-            SaRA: λ of a nuclear-norm penalty on the sparse update, added into its gradients.
-        nuclear_norm_layers (`int`, *optional*, defaults to `1`):
-            Layers penalised per optimizer step, in turn.
-        nuclear_norm_rank (`int`, *optional*):
-            Randomized-SVD rank for the penalty's subgradient; None for a full SVD.
-        progressive_step (`int` or `float`, *optional*):
-            SaRA: at this step (or fraction of the run) freeze the entries no longer below the threshold.
-        perturbation (`str`, *optional*, defaults to `"none"`):
-            "ggpo" for LoRA-GGPO's gradient-guided weight noise in training forwards.
-        perturbation_sigma (`float`, *optional*, defaults to `0.03`), perturbation_beta (`float`, *optional*, defaults to `0.01`):
-            LoRA-GGPO's σ and β.
         store_indices (`bool`, *optional*, defaults to `True`):
             False (SLTrain): the random support is regenerated from the seed and not saved.
         seed (`int`, defaults to `0`):
@@ -138,11 +104,20 @@ class SparseConfig(PeftConfig):
             Token rows of the embedding to train (TRL sets this when a chat template adds tokens).
     """
 
-    method: Optional[Literal["spiel", "s2ft", "dsee", "sara", "lora_ggpo", "sltrain"]] = field(
+    method: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Published recipe: 'spiel', 's2ft', 'dsee', 'sara', 'lora_ggpo' or 'sltrain'. Its values fill "
-            "every general field left unset. None uses the general fields alone."
+            "help": "Published recipe, by name: one of the methods in sparse_peft.METHODS ('spiel', 's2ft', 'dsee', "
+            "'sara', 'lora_ggpo', 'sltrain', ... and any registered by another package). Its values fill every general "
+            "field left unset, and its own knobs go in `method_config`. None uses the general fields alone."
+        },
+    )
+    method_config: Optional[dict] = field(
+        default=None,
+        metadata={
+            "help": "The method's own knobs, e.g. {'reselection_steps': 20} for 'spiel' (each method's page lists "
+            "them; they may also be passed as keyword arguments of SparseConfig). Unset knobs take the method's "
+            "values; the adapter file saves them all."
         },
     )
     structure: Optional[Literal["unstructured", "rows", "columns", "none"]] = field(
@@ -238,43 +213,6 @@ class SparseConfig(PeftConfig):
         default=None,
         metadata={"help": "The low-rank part is scaled by lora_alpha / r. Defaults to r, a scale of 1."},
     )
-    reselection_steps: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "Every this many optimizer steps, drop part of an unstructured support and regrow it elsewhere "
-            "(SpIEL). 0 keeps the support fixed. Defaults to the method's, else 0."
-        },
-    )
-    accumulation_steps: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "Optimizer steps of gradient statistics behind each regrowth; the first regrowth comes after this "
-            "many steps. Defaults to 5."
-        },
-    )
-    initial_reselection_rate: Optional[float] = field(
-        default=None,
-        metadata={"help": "Fraction of the support dropped at a regrowth, decaying over training. Defaults to 0.2."},
-    )
-    reselection_rate_policy: Optional[Literal["linear", "cosine"]] = field(
-        default=None,
-        metadata={"help": "How the dropped fraction decays to 0 at the last step: 'linear' or 'cosine'."},
-    )
-    regrowth: Optional[Literal["gradient", "momentum"]] = field(
-        default=None,
-        metadata={
-            "help": "Where new entries grow: 'gradient' (largest accumulated gradient over the last "
-            "accumulation_steps) or 'momentum' (largest SM3-style row x column accumulator, O(rows + cols) memory)."
-        },
-    )
-    threshold: Optional[float] = field(
-        default=None,
-        metadata={
-            "help": "SaRA: train every entry whose |w| is below this absolute value (the paper uses 2e-3), instead "
-            "of a fraction of each layer. Needs selection='small_magnitude'; `density` is then ignored and each "
-            "layer's count follows its weights."
-        },
-    )
     residual_rank: Optional[int] = field(
         default=None,
         metadata={
@@ -288,52 +226,6 @@ class SparseConfig(PeftConfig):
             "help": "Scale the sparse part by lora_alpha / r too, as DSEE's code does (True for method='dsee'). "
             "Defaults to False: the sparse part is unscaled."
         },
-    )
-    nuclear_norm_weight: Optional[float] = field(
-        default=None,
-        metadata={
-            "help": "SaRA: weight λ of a nuclear-norm penalty λ·||ΔW||_* on each layer's sparse update, applied as "
-            "a subgradient added to the values' gradients before each optimizer step (the adapter's schedule runs it "
-            "by itself). 0 disables it. Defaults to the method's (5e-4 for 'sara'), else 0."
-        },
-    )
-    nuclear_norm_layers: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "How many layers get the nuclear-norm subgradient per optimizer step, in turn (each SVD costs "
-            "time). Defaults to 1, as in SaRA."
-        },
-    )
-    nuclear_norm_rank: Optional[int] = field(
-        default=None,
-        metadata={
-            "help": "Use a randomized SVD of this rank (torch.svd_lowrank) for the nuclear-norm subgradient instead "
-            "of a full SVD: an approximation that is much cheaper on large layers. None: full SVD."
-        },
-    )
-    progressive_step: Optional[float] = field(
-        default=None,
-        metadata={
-            "help": "SaRA's progressive adjustment: at this optimizer step (an integer), or at this fraction of the "
-            "run (a float below 1), keep training only the entries whose |w + Δ| is still below the threshold and "
-            "freeze the others at their learned values. Defaults to the method's (0.5 for 'sara'), else never."
-        },
-    )
-    perturbation: Optional[Literal["none", "ggpo"]] = field(
-        default=None,
-        metadata={
-            "help": "LoRA-GGPO: 'ggpo' adds Gaussian noise to the merged weight in each training forward, row-wise "
-            "scaled by the weight and gradient norms of the previous step (the adapter's schedule refreshes it by "
-            "itself). Defaults to the method's, else 'none'."
-        },
-    )
-    perturbation_sigma: Optional[float] = field(
-        default=None,
-        metadata={"help": "LoRA-GGPO's noise scale σ. Defaults to 0.03."},
-    )
-    perturbation_beta: Optional[float] = field(
-        default=None,
-        metadata={"help": "LoRA-GGPO's weight β of the gradient norm against the weight norm. Defaults to 0.01."},
     )
     store_indices: Optional[bool] = field(
         default=None,
@@ -398,6 +290,7 @@ class SparseConfig(PeftConfig):
         # A config rebuilt from a saved dict (adapter_config.json, `SparseConfig(**config.to_dict())`) carries its
         # peft_type and has every field filled in already: only its values are checked, not which ones were given.
         rebuilt = self.peft_type is not None
+        flat = self.__dict__.pop("_flat_knobs", {})  # knobs passed as keyword arguments (see __init__ below)
         super().__post_init__()
         self.peft_type = SparsePeftType.SPARSE
         if self.sparse_peft_version is None:
@@ -410,12 +303,89 @@ class SparseConfig(PeftConfig):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
-        given = set() if rebuilt else {f for f in _UNSET_BY_DEFAULT if getattr(self, f) is not None}
+        # the names the user set, for refusing knobs that would have no effect; none for a rebuilt config
+        self.given = set() if rebuilt else {f for f in _UNSET_BY_DEFAULT if getattr(self, f) is not None}
         if not rebuilt:
             self._refuse_conflicts()
+        self._resolve_method(flat, rebuilt)
         self._apply_method()
         self._validate()
-        self._refuse_unused(given)
+        self._refuse_unused(self.given)
+        self.method_impl.check(self)
+
+    @property
+    def method_impl(self) -> Method:
+        """The method object (methods/<name>.py), or a plain `Method` for method=None."""
+        return METHODS[self.method] if self.method is not None else _NO_METHOD
+
+    def _resolve_method(self, flat: dict, rebuilt: bool) -> None:
+        """Route the knobs (keyword arguments or `method_config`) to the method that owns them, infer the
+        method from them when none is named, and build its `Knobs`."""
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)} or None")
+        nested = dict(self.method_config or {})
+        routed = {}
+        for name, value in flat.items():
+            owners = KNOBS.get(name, [])
+            if value is None and not rebuilt:
+                continue  # None leaves a knob to the method, as it leaves a general field to it
+            if self.method is not None and self.method in owners:
+                routed[name] = value
+            elif rebuilt and name in FLAT_FIELDS_BEFORE_KNOBS and value == FLAT_FIELDS_BEFORE_KNOBS[name]:
+                continue  # another method's knob at its "off" value: files saved before knobs were nested hold them all
+            elif self.method is None:
+                routed[name] = value  # its method is inferred below
+            else:
+                raise ValueError(
+                    f"{name}={value!r} is a knob of method {' / '.join(owners)}, not of method={self.method!r}: "
+                    f"remove it, or use method={owners[0]!r}"
+                )
+        if self.method is None and (routed or nested):
+            candidates = None
+            for name in {**nested, **routed}:
+                owners = set(KNOBS.get(name, []))
+                if not owners:
+                    raise ValueError(f"{name!r} is no field of SparseConfig and no knob of any method "
+                                     f"({sorted(METHODS)}); check the name")
+                candidates = owners if candidates is None else candidates & owners
+            if len(candidates or ()) != 1:
+                raise ValueError(
+                    f"the knobs {sorted({**nested, **routed})} do not belong to one method (owners: "
+                    f"{ {n: KNOBS.get(n) for n in {**nested, **routed}} }): name the method with method=..."
+                )
+            self.method = candidates.pop()  # the knobs say which method this is
+        overlap = sorted(set(nested) & set(routed))
+        if overlap:
+            raise ValueError(f"{overlap} given both as keyword arguments and in method_config: give each once")
+        method = self.method_impl
+        names = {f.name for f in knob_fields(method)}
+        values = {**nested, **routed}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(
+                f"method={self.method!r} has no knob {unknown[0]!r}" + (f" (its knobs: {sorted(names)})" if names else
+                " (it has no knobs)") + "; remove it, or name the method it belongs to"
+            )
+        self.given |= set(values) if not rebuilt else set()
+        if method.Knobs is None:
+            self.knobs, self.method_config = None, None
+            return
+        hints = typing.get_type_hints(method.Knobs)
+        for name, value in values.items():
+            if not _matches(value, hints[name]):
+                raise ValueError(
+                    f"{self.method} knob {name} = {value!r} ({type(value).__name__}) must be {_describe(hints[name])}; "
+                    "correct it where the config is made (in adapter_config.json's method_config for a saved adapter)"
+                )
+        self.knobs = method.Knobs(**values)
+        self.method_config = dataclasses.asdict(self.knobs)
+
+    def __getattr__(self, name):
+        # a method's knobs read like fields (config.reselection_steps); only called when no attribute matches
+        knobs = self.__dict__.get("knobs")
+        if knobs is not None and name in {f.name for f in dataclasses.fields(knobs)}:
+            return getattr(knobs, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def _refuse_conflicts(self) -> None:
         """Two fields the user set that answer the same question: one would silently win."""
@@ -435,25 +405,16 @@ class SparseConfig(PeftConfig):
                 shown = ", ".join(f"{n}={getattr(self, n)!r}" for n in set_here)
                 raise ValueError(f"{shown} has no effect {why}; remove it or enable what it tunes")
 
-        if not self.reselection_steps:
-            refuse(("accumulation_steps", "initial_reselection_rate", "reselection_rate_policy", "regrowth"),
-                   "with reselection_steps=0 (a fixed support): set reselection_steps > 0 to regrow")
         if not self.r:
             refuse(("lora_alpha",), "without a low-rank part (r=0): set r > 0")
             if self.scale_sparse and "scale_sparse" in given:
                 refuse(("scale_sparse",), "without a low-rank part (r=0), whose lora_alpha / r it applies: set r > 0")
-        if not self.nuclear_norm_weight:
-            refuse(("nuclear_norm_layers",), "with nuclear_norm_weight=0 (no penalty): set nuclear_norm_weight > 0")
-        if self.perturbation == "none":
-            refuse(("perturbation_sigma", "perturbation_beta"), "with perturbation='none': set perturbation='ggpo'")
         if self.selection != "lowrank_residual":
             refuse(("residual_rank",), f"with selection={self.selection!r}: it is the rank of selection='lowrank_residual'")
 
     def _apply_method(self) -> None:
         defaults = dict(_GENERAL_DEFAULTS)
         if self.method is not None:
-            if self.method not in METHODS:
-                raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(METHODS)} or None")
             method = METHODS[self.method]
             defaults.update(method.defaults)
             if method.missing and not self.inference_mode:
@@ -498,27 +459,10 @@ class SparseConfig(PeftConfig):
                 )
         elif not (isinstance(self.density, (int, float)) and 0 < self.density <= 1):
             raise ValueError(f"density={self.density!r} must be in (0, 1], e.g. 0.01 for 1% of the entries")
-        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 0:
-            raise ValueError(f"reselection_steps={self.reselection_steps!r} must be an integer >= 0 (0: fixed support)")
-        if self.reselection_steps and self.structure != "unstructured":
-            raise ValueError("reselection_steps > 0 regrows single entries, so it needs structure='unstructured'")
-        if self.reselection_steps and not 1 <= self.accumulation_steps <= self.reselection_steps:
-            raise ValueError(
-                f"accumulation_steps={self.accumulation_steps!r} must be between 1 and reselection_steps "
-                f"({self.reselection_steps})"
-            )
-        if self.accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps={self.accumulation_steps!r} must be >= 1")
-        if not 0 < self.initial_reselection_rate <= 1:
-            raise ValueError(f"initial_reselection_rate={self.initial_reselection_rate!r} must be in (0, 1], e.g. 0.2")
-        if self.reselection_rate_policy not in ("linear", "cosine"):
-            raise ValueError(f"reselection_rate_policy={self.reselection_rate_policy!r}: use 'linear' or 'cosine'")
-        if self.regrowth not in ("gradient", "momentum"):
-            raise ValueError(f"regrowth={self.regrowth!r}: use 'gradient' or 'momentum'")
         for suffix, density in (self.module_density or {}).items():
             if not (isinstance(density, (int, float)) and 0 < density <= 1):
                 raise ValueError(f"module_density[{suffix!r}]={density!r} must be in (0, 1]")
-        self._validate_schedules()
+        self._validate_supports()
         if self.head_groups and self.structure != "columns":
             raise ValueError("head_groups=True chooses input columns in whole heads, so it needs structure='columns'")
         if self.allocation not in ("uniform", "global"):
@@ -547,48 +491,16 @@ class SparseConfig(PeftConfig):
         if self.layers_pattern and not self.layers_to_transform:
             raise ValueError("layers_pattern only applies together with layers_to_transform")
 
-    def _validate_schedules(self) -> None:
-        """The fields of DSEE, SaRA, LoRA-GGPO and SLTrain."""
-        if self.threshold is not None:
-            if not (isinstance(self.threshold, (int, float)) and self.threshold > 0):
-                raise ValueError(f"threshold={self.threshold!r} must be > 0, e.g. 2e-3 as in SaRA")
-            if self.selection != "small_magnitude" or self.structure != "unstructured":
-                raise ValueError("threshold chooses the entries with |w| below it: use selection='small_magnitude' "
-                                 "and structure='unstructured' with it")
+    def _validate_supports(self) -> None:
+        """The general support pieces: a low-rank-residual rule, a support regenerated from the seed."""
         if self.selection == "lowrank_residual" and self.structure != "unstructured":
             raise ValueError("selection='lowrank_residual' scores single entries: use structure='unstructured'")
         if not isinstance(self.residual_rank, int) or self.residual_rank < 1:
             raise ValueError(f"residual_rank={self.residual_rank!r} must be an integer >= 1")
-        if not (isinstance(self.nuclear_norm_weight, (int, float)) and self.nuclear_norm_weight >= 0):
-            raise ValueError(f"nuclear_norm_weight={self.nuclear_norm_weight!r} must be >= 0 (0 disables it)")
-        if not isinstance(self.nuclear_norm_layers, int) or self.nuclear_norm_layers < 1:
-            raise ValueError(f"nuclear_norm_layers={self.nuclear_norm_layers!r} must be an integer >= 1")
-        if self.nuclear_norm_rank is not None and (not isinstance(self.nuclear_norm_rank, int) or self.nuclear_norm_rank < 1):
-            raise ValueError(f"nuclear_norm_rank={self.nuclear_norm_rank!r} must be a positive integer or None (full SVD)")
-        if self.nuclear_norm_weight and self.structure == "none":
-            raise ValueError("nuclear_norm_weight penalises the sparse part, and structure='none' has none: set "
-                             "nuclear_norm_weight=0, or a structure with a sparse part")
-        if self.progressive_step is not None:
-            step = self.progressive_step
-            if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or (isinstance(step, float) and step >= 1 and not step.is_integer()):
-                raise ValueError(f"progressive_step={step!r} must be a step number >= 1 or a fraction of the run in (0, 1)")
-            if self.selection != "small_magnitude" or self.structure != "unstructured":
-                raise ValueError("progressive_step keeps training the entries still below the magnitude threshold: it "
-                                 "needs selection='small_magnitude' and structure='unstructured'")
-            if self.reselection_steps:
-                raise ValueError("progressive_step and reselection_steps both change the support: use one of them")
-        if self.perturbation not in ("none", "ggpo"):
-            raise ValueError(f"perturbation={self.perturbation!r}: use 'none' or 'ggpo'")
-        if self.perturbation == "ggpo" and self.r == 0:
-            raise ValueError("perturbation='ggpo' scales its noise by the low-rank update's norms: set r > 0")
-        for name in ("perturbation_sigma", "perturbation_beta"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value >= 0):
-                raise ValueError(f"{name}={value!r} must be >= 0")
         if not self.store_indices:
-            if self.selection != "random" or self.structure != "unstructured" or self.reselection_steps:
+            if self.selection != "random" or self.structure != "unstructured":
                 raise ValueError("store_indices=False regenerates a fixed random support from the seed: it needs "
-                                 "selection='random', structure='unstructured' and no reselection")
+                                 "selection='random' and structure='unstructured'")
             if self.disjoint_from:
                 raise ValueError("store_indices=False cannot avoid other adapters' supports (disjoint_from)")
 
@@ -616,6 +528,23 @@ class SparseConfig(PeftConfig):
             k = self.density_for(module_key) * size
         units = min(size // group, max(1, round(k / group)))
         return units * group
+
+
+_NO_METHOD = Method()  # method=None: the general fields alone, no knobs, no per-step work
+_dataclass_init = SparseConfig.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init(self, *args, **kwargs):
+    # a method's knobs may be passed as keyword arguments (SparseConfig(method="spiel", reselection_steps=10)),
+    # as adapter files written before knobs were nested hold them: __post_init__ routes them to the method
+    own = {f.name for f in dataclasses.fields(SparseConfig)}
+    self.__dict__["_flat_knobs"] = {k: kwargs.pop(k) for k in list(kwargs) if k not in own and (
+        k in KNOBS or k in FLAT_FIELDS_BEFORE_KNOBS)}
+    _dataclass_init(self, *args, **kwargs)
+
+
+SparseConfig.__init__ = _init
 
 
 # fields whose default is None, "not set": a value there was given by the user

@@ -18,6 +18,7 @@ the forward update through `ops`, adding ΔW into a weight, and the checks a sto
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -156,11 +157,41 @@ class Delta:
         )
         return self.add_to(weight)
 
+    def sparse_part(self) -> Optional["Delta"]:
+        """This update without its low-rank part, or None if nothing else is left."""
+        part = dataclasses.replace(self, lora_A=None, lora_B=None)
+        return None if part.is_empty else part
+
+    @torch.no_grad()
+    def add_dense_grad(self, dense_grad: torch.Tensor) -> None:
+        """Add the gradient of a function of the dense (out × in) ΔW to the trainable tensors it is made of
+        (their `.grad`), sparse parts only; frozen slots get none. For penalties applied between backward
+        and the optimizer step, so that no autograd graph runs through them."""
+        g = dense_grad * self.sparse_scale
+        if self.values is not None and self.values.numel():
+            rows, cols = self.rows_cols()
+            part = g[rows, cols]
+            if self.frozen_slots is not None and self.frozen_slots.numel():
+                part[self.frozen_slots.long()] = 0
+            _accumulate_grad(self.values, part)
+        if self.row_block is not None:
+            _accumulate_grad(self.row_block, g[self.row_index.long()])
+        if self.col_block is not None:
+            _accumulate_grad(self.col_block, g[:, self.col_index.long()])
+
     def num_sparse(self) -> int:
         return sum(t.numel() for t in (self.values, self.row_block, self.col_block) if t is not None)
 
     def num_trainable(self) -> int:
         return self.num_sparse() + sum(t.numel() for t in (self.lora_A, self.lora_B) if t is not None)
+
+
+def _accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad.clone()
+    else:
+        param.grad.add_(grad)
 
 
 def _add(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

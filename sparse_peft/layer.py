@@ -12,6 +12,7 @@ from peft.utils import resolve_quantization_backend
 from transformers.pytorch_utils import Conv1D
 
 from . import ops
+from ._util import unwrap_optimizer
 from .config import SparseConfig
 from .delta import (
     COL_BLOCK,
@@ -31,7 +32,8 @@ from .delta import (
     Delta,
     index_dtype,
 )
-from .selection import NeedsCalibration, below_threshold, module_seed, select
+from .prng import seed_for, seeded_subset
+from .selection import NeedsCalibration, module_seed, select
 
 
 
@@ -146,16 +148,12 @@ class SparseLayer(BaseTunerLayer):
         if structure != "none":
             k = config.budget(structure, out_features, in_features, module_key, group)
             exclude = self._taken_by(config.disjoint_from or [], structure)
-            if config.threshold is not None:
-                # SaRA: every entry below an absolute threshold, however many that is on this layer
-                support = below_threshold(self._base_weight_2d(), config.threshold)
-                if exclude is not None:
-                    support = support[~torch.isin(support, exclude.to(support.device))]
-                k = support.numel()
+            own = config.method_impl.choose_support(self, config, module_key, k, exclude)
+            if own is not None:
+                # the method's own rule (e.g. every entry below a magnitude threshold); its size may differ from k
+                support, k = own, own.numel()
             elif not config.store_indices:
-                # SLTrain: a support that files do not store, regenerated from the seed on any machine
-                from .prng import seed_for, seeded_subset
-
+                # a support that files do not store, regenerated from the seed on any machine
                 support = seeded_subset(out_features * in_features, k, seed_for(config.seed, module_key))
             else:
                 try:
@@ -297,6 +295,28 @@ class SparseLayer(BaseTunerLayer):
                 cache.clear()
             hit = cache[id(indices)] = (indices, indices._version, ops.contiguous_span(indices))
         return hit[2]
+
+    @torch.no_grad()
+    def freeze_slots(self, adapter_name: str, frozen: torch.Tensor, optimizer=None) -> int:
+        """Stop training the unstructured slots where `frozen` (a bool per value) is set, on top of those
+        frozen already: they keep their learned values in the layer's frozen buffers (saved with the
+        adapter), their trainable slots and per-element optimizer state are zeroed, so with a zero gradient
+        every usual optimizer leaves them at zero. Returns how many slots are frozen now."""
+        values, indices = self.sparse_values[adapter_name], self.sparse_indices[adapter_name]
+        frozen = frozen.clone()
+        if adapter_name in self.sparse_frozen_slots:
+            frozen[self.sparse_frozen_slots[adapter_name].long()] = True
+        slots = frozen.nonzero().squeeze(1)
+        # stored unscaled: effective_values applies the scale after the frozen ones are put in
+        self.sparse_frozen_values[adapter_name] = self.get_delta(adapter_name).effective_values(scaled=False)[slots].clone()
+        self.sparse_frozen_slots[adapter_name] = slots.to(indices.dtype)
+        values[slots] = 0
+        optimizer = unwrap_optimizer(optimizer)
+        state = optimizer.state.get(values) if optimizer is not None else None
+        for tensor in (state or {}).values():
+            if torch.is_tensor(tensor) and tensor.shape == values.shape:
+                tensor[slots] = 0
+        return slots.numel()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """ΔW as a dense tensor in the base weight's layout (for inspection and LoRA conversion)."""

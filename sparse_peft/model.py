@@ -13,7 +13,7 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_q
 from peft.utils import resolve_quantization_backend
 from transformers.pytorch_utils import Conv1D
 
-from . import architectures, hub, schedule
+from . import architectures, files, schedule
 from ._peft import PREFIX
 from .config import SparseConfig
 from .delta import INDICES, index_dtype
@@ -440,17 +440,17 @@ class SparseModel(BaseTuner):
         if regenerated:
             # SLTrain: the support is regenerated from the seed at load time, so the file holds values only
             state_dict = {k: v for k, v in state_dict.items() if f".{INDICES}." not in k and not k.endswith(f".{INDICES}")}
-        return hub.add_layer_records(model, adapter_name, hub.pack_frozen(state_dict), regenerated)
+        return files.add_layer_records(model, adapter_name, files.pack_frozen(state_dict), regenerated)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
         # A refusal here leaves the model untouched; `PeftModel.from_pretrained` / `load_adapter` then take the
         # injected layers out again (_peft.install_load_guard).
-        state_dict = hub.unpack_frozen(state_dict)
-        records = hub.pop_layer_records(state_dict)
-        hub.add_optional_buffers(model, adapter_name, state_dict, cls.prefix)  # so that PEFT maps their keys too
+        state_dict = files.unpack_frozen(state_dict)
+        records = files.pop_layer_records(state_dict)
+        files.add_optional_buffers(model, adapter_name, state_dict, cls.prefix)  # so that PEFT maps their keys too
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
-        hub.check_and_fit(model, adapter_name, state_dict, cls.prefix, config, records)
+        files.check_and_fit(model, adapter_name, state_dict, cls.prefix, config, records)
         return state_dict
 
 

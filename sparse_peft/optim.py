@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from . import ops
+from ._util import find_peft_model
 
 
 def sm3_accumulate(row: torch.Tensor, col: torch.Tensor, indices: torch.Tensor, in_features: int, grad: torch.Tensor):
@@ -43,9 +44,7 @@ class SparseSM3(torch.optim.Optimizer):
     """
 
     def __init__(self, model, lr: float = 1e-3, eps: float = 1e-30, weight_decay: float = 0.0, adapter_name: Optional[str] = None):
-        from .schedule import _find
-
-        model, layers = _find(model)
+        model, layers = find_peft_model(model)
         adapter = adapter_name or model.active_adapter
         self.layer_of = {}
         for layer in layers.values():

@@ -47,14 +47,14 @@ CACHE_FORMAT = 1  # bump when the pretraining recipe changes, so old caches are 
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from .methods import METHODS
+    from .methods import DEFAULT_METHOD, METHODS
 
     p = argparse.ArgumentParser(prog="sparse-peft-quickstart", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="every stage in seconds (10 pretraining and 10 fine-tuning steps): a smoke test, not a comparison")
     p.add_argument("--steps", type=int, help="fine-tuning steps per method (default 200, --quick 10)")
     p.add_argument("--pretrain-steps", type=int, help="pretraining steps (default 400, --quick 10)")
-    p.add_argument("--method", default="dsee", choices=sorted(METHODS), help="sparse method to compare with LoRA")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="sparse method to compare with LoRA")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: 1 on a machine with few or busy cores, "
                    "up to 4 where cores are idle; OMP_NUM_THREADS, if set, is kept)")
@@ -254,7 +254,7 @@ def finetune(label, peft_config, lr, base_path, train, eval_batches, pad_id, arg
     from tqdm.auto import tqdm
 
     from . import SparseConfig, SparseScheduler
-    from .measure import saved_tensors
+    from .memory import saved_tensors
 
     torch.manual_seed(args.seed)
     model = get_peft_model(load_base(base_path, args.device), peft_config)

@@ -77,7 +77,8 @@ def test_flags_train_a_loadable_adapter_with_the_given_fields(local, tmp_path):
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "SPARSE" and saved["task_type"] == "CAUSAL_LM"
     assert (saved["method"], saved["density"], saved["module_density"]) == ("spiel", 0.05, {"o_proj": 0.2})
-    assert (saved["reselection_steps"], saved["accumulation_steps"], saved["seed"]) == (2, 1, 3)
+    knobs = saved["method_config"]  # the method's own knobs, nested
+    assert (knobs["reselection_steps"], knobs["accumulation_steps"], saved["seed"]) == (2, 1, 3)
     assert saved["structure"] == "unstructured" and saved["r"] == 0  # unset: the method's preset
     assert {name.rsplit(".", 1)[-1] for name in saved["target_modules"]} == LINEAR  # PEFT expands all-linear
     assert_reloads_as_saved(local, tmp_path)

@@ -91,10 +91,8 @@ def test_loading_without_import_fails_with_the_known_key_error(tmp_path):
 
 
 def test_an_incomplete_method_warns(monkeypatch):
-    import dataclasses
-
     from sparse_peft.methods import METHODS
 
-    monkeypatch.setitem(METHODS, "dsee", dataclasses.replace(METHODS["dsee"], missing="the pruning"))
+    monkeypatch.setattr(METHODS["dsee"], "missing", "the pruning")
     with pytest.warns(UserWarning, match="incomplete in this release: the pruning"):
         SparseConfig(method="dsee")

@@ -10,7 +10,7 @@ from transformers import Trainer, TrainingArguments
 
 import sparse_peft
 from sparse_peft import SparseCallback, SparseConfig, SparseLayer, SparseScheduler
-from sparse_peft.hooks import nuclear_subgradient
+from sparse_peft.methods.sara import nuclear_subgradient
 
 from .conftest import tiny_llama
 

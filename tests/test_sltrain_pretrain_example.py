@@ -38,7 +38,7 @@ def test_quick_run_prints_three_rows_reloads_and_matches_parameters(pretrain, tm
         assert r["val_loss"] < r["curve"][0][1]  # every model learned something in 8 steps
         assert r["state"] > 0 and r["saved"] > 0
 
-    # save_pretrained -> sltrain.from_pretrained gives the trained eval loss exactly, densify within 1e-4
+    # save_pretrained -> pretraining.from_pretrained gives the trained eval loss exactly, densify within 1e-4
     reload = results["reload"]
     assert reload["reloaded"] == reload["eval_loss"] == rows[2]["val_loss"]
     assert abs(reload["densified"] - reload["eval_loss"]) <= 1e-4

@@ -2,7 +2,7 @@
 
     full-rank   every block linear a dense W (the usual model)
     low-rank    W = B·A only, its rank raised so that it has as many parameters as SLTrain
-    sltrain     W = (α/r)·B·A + S, S at a fixed random 3 % of the positions (sparse_peft.sltrain.convert)
+    sltrain     W = (α/r)·B·A + S, S at a fixed random 3 % of the positions (sparse_peft.pretraining.convert)
 
     OMP_NUM_THREADS=1 python examples/sltrain/pretrain.py --plot   # PRETRAINING.md's table, ~11 min on one CPU core
     python examples/sltrain/pretrain.py --quick                     # a tiny model for a few steps: a smoke test
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from sparse_peft import ops, sltrain
-from sparse_peft.measure import saved_tensors
+from sparse_peft import ops, pretraining
+from sparse_peft.memory import saved_tensors
 from sparse_peft.quickstart import byte_tokenizer, stdlib_tokens, warmup_cosine
 
 
@@ -84,7 +84,7 @@ class LowRankLinear(nn.Module):
 
 
 def block_linears(model):
-    """(name, nn.Linear) of the transformer blocks: what sltrain.convert replaces by default."""
+    """(name, nn.Linear) of the transformer blocks: what pretraining.convert replaces by default."""
     return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and m is not model.lm_head]
 
 
@@ -111,13 +111,13 @@ def build(kind: str, args):
     model = LlamaForCausalLM(config)
     ranks = []  # of the replaced linears; none for full-rank
     if kind == "sltrain":
-        sltrain.convert(model, rank=args.rank, density=DENSITY, alpha=ALPHA, seed=args.seed)
+        pretraining.convert(model, rank=args.rank, density=DENSITY, alpha=ALPHA, seed=args.seed)
         ranks = [args.rank]
     elif kind == "low-rank":
         # each layer gets the parameters SLTrain's layer of the same shape has, counted on an SLTrain model
-        twin = sltrain.convert(LlamaForCausalLM(config), rank=args.rank, density=DENSITY, alpha=ALPHA, seed=args.seed)
+        twin = pretraining.convert(LlamaForCausalLM(config), rank=args.rank, density=DENSITY, alpha=ALPHA, seed=args.seed)
         budgets = {n: sum(p.numel() for p in m.parameters())
-                   for n, m in twin.named_modules() if isinstance(m, sltrain.SLTrainLinear)}
+                   for n, m in twin.named_modules() if isinstance(m, pretraining.SLTrainLinear)}
         torch.manual_seed(args.seed + 1)  # the factors' own draw
         ranks = to_low_rank(model, budgets)
     return model.to(args.device), ranks
@@ -184,7 +184,7 @@ def train(kind: str, args, train_tokens, val) -> tuple:
             curve.append((step, evaluate(model, val)))
             print(f"  {kind:<9} step {step:>5}  train {loss.item():.3f}  val {curve[-1][1]:.3f}", flush=True)
     linears = [m for m in model.model.layers.modules()
-               if isinstance(m, (nn.Linear, LowRankLinear, sltrain.SLTrainLinear))]
+               if isinstance(m, (nn.Linear, LowRankLinear, pretraining.SLTrainLinear))]
     rank = "-" if not ranks else str(min(ranks)) if min(ranks) == max(ranks) else f"{min(ranks)}-{max(ranks)}"
     row.update(model=kind, rank=rank,
                params=sum(p.numel() for p in model.parameters()),
@@ -195,14 +195,14 @@ def train(kind: str, args, train_tokens, val) -> tuple:
 
 
 def check_reload(model, val, out: Path, args) -> dict:
-    """save_pretrained, sltrain.from_pretrained: the same eval loss, exactly; densified: the same within 1e-4."""
+    """save_pretrained, pretraining.from_pretrained: the same eval loss, exactly; densified: the same within 1e-4."""
     expected = evaluate(model, val)
     model.save_pretrained(out), byte_tokenizer().save_pretrained(out)  # a complete checkpoint
-    reloaded = sltrain.from_pretrained(str(out)).to(args.device)
+    reloaded = pretraining.from_pretrained(str(out)).to(args.device)
     again = evaluate(reloaded, val)
     if again != expected:
         raise RuntimeError(f"the SLTrain model reloaded from {out} has eval loss {again!r}, trained {expected!r}")
-    dense = evaluate(sltrain.densify(reloaded), val)
+    dense = evaluate(pretraining.densify(reloaded), val)
     if abs(dense - expected) > 1e-4:
         raise RuntimeError(f"the densified model has eval loss {dense!r}, the SLTrain model {expected!r}")
     print(f"reload from {out}: eval loss {again:.6f}, identical -- OK")

@@ -10,13 +10,15 @@ Fused layers count whole: Phi-3's qkv_proj, GPT-2's c_attn, GPT-NeoX's and Falco
 query_key_value. Where sparse_peft's map lacks the model, PEFT's LoRA table names them.
 """
 
-METHOD = dict(
-    name="dsee",
-    title="DSEE: dually sparsity-embedded efficient tuning",
-    paper="https://arxiv.org/abs/2111.00160",
-    default_targets="query_value",
-    defaults=dict(
+from . import Method
+
+
+class Dsee(Method):
+    name = "dsee"
+    title = "DSEE: dually sparsity-embedded efficient tuning"
+    paper = "https://arxiv.org/abs/2111.00160"
+    defaults = dict(
         structure="unstructured", selection="lowrank_residual", residual_rank=8, density=0.005, r=8, lora_alpha=16,
         scale_sparse=True,
-    ),
-)
+    )
+    default_targets = "query_value"

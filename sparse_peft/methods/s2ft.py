@@ -6,13 +6,13 @@ budget there, and that is where partial backprop saves activation memory. A mode
 needs target_modules; its input columns then train without head groups.
 """
 
-METHOD = dict(
-    name="s2ft",
-    title="S²FT: structured sparse fine-tuning",
-    paper="https://arxiv.org/abs/2412.06289",
-    defaults=dict(structure="columns", selection="random", density=0.05, r=0, head_groups=True),
-    # the paper's finding: the budget is best spent on the output projections of attention and FFN
-    default_targets="roles",
-    target_roles=("attention_output", "ffn_down"),
-    missing="",
-)
+from . import Method
+
+
+class S2ft(Method):
+    name = "s2ft"
+    title = "S²FT: structured sparse fine-tuning"
+    paper = "https://arxiv.org/abs/2412.06289"
+    defaults = dict(structure="columns", selection="random", density=0.05, r=0, head_groups=True)
+    default_targets = "roles"
+    target_roles = ("attention_output", "ffn_down")

@@ -7,15 +7,205 @@ progressive step: only entries still below the threshold keep training.
 Default targets ("all-layers"): every linear and Conv2d layer except the output head. The paper's
 code masks every parameter of the U-Net (convolutions included); sparse_peft adapts layers, so the
 closest default is all the layers it can wrap. Norms, biases and embeddings stay frozen.
+
+Per-step work:
+- `NuclearNorm`: λ·‖ΔW‖_* on the sparse update. Its subgradient U·Vᵀ comes from an SVD under
+  `no_grad` and is added straight into the trainable tensors' `.grad` before the optimizer step, so
+  no autograd graph runs through the SVD and any optimizer, clipping or accumulation sees it.
+  (SaRA's own memory-saving path sends this gradient to tensors the optimizer never reads.)
+- `Progressive`: once, at a chosen step, the entries whose |w + Δ| has risen above the threshold
+  stop training; their learned values move to frozen buffers of the layer.
+Both are pure functions of the step number, so a resumed run repeats the same penalised layers.
 """
 
-METHOD = dict(
-    name="sara",
-    title="SaRA: re-training the ineffective parameters",
-    paper="https://arxiv.org/abs/2409.06633",
-    default_targets="all-layers",
-    defaults=dict(
-        structure="unstructured", selection="small_magnitude", density=0.01, r=0, nuclear_norm_weight=5e-4,
-        nuclear_norm_layers=1, progressive_step=0.5,
-    ),
-)
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+import torch
+
+from ..selection import below_threshold
+from . import Method, Run
+
+
+@dataclass
+class SaraKnobs:
+    threshold: Optional[float] = field(default=None, metadata={
+        "help": "Train every entry whose |w| is below this absolute value (the paper uses 2e-3), instead of a "
+        "fraction of each layer; `density` is then not used and each layer's count follows its weights. Needs "
+        "selection='small_magnitude' and structure='unstructured'."})
+    nuclear_norm_weight: float = field(default=5e-4, metadata={
+        "help": "Weight λ of a nuclear-norm penalty λ·||ΔW||_* on each layer's sparse update, applied as a "
+        "subgradient added to the values' gradients before each optimizer step. 0 disables it."})
+    nuclear_norm_layers: int = field(default=1, metadata={
+        "help": "How many layers get the nuclear-norm subgradient per optimizer step, in turn (each SVD costs time)."})
+    nuclear_norm_rank: Optional[int] = field(default=None, metadata={
+        "help": "Use a randomized SVD of this rank for the subgradient instead of a full SVD (cheaper on large "
+        "layers; the norm is then a lower bound). None: full SVD."})
+    progressive_step: Optional[Union[int, float]] = field(default=0.5, metadata={
+        "help": "At this optimizer step (an integer), or at this fraction of the run (a float below 1), keep "
+        "training only the entries whose |w + Δ| is still below the threshold and freeze the others at their "
+        "learned values. 0: never."})
+
+
+class Sara(Method):
+    name = "sara"
+    title = "SaRA: re-training the ineffective parameters"
+    paper = "https://arxiv.org/abs/2409.06633"
+    defaults = dict(structure="unstructured", selection="small_magnitude", density=0.01, r=0)
+    Knobs = SaraKnobs
+    default_targets = "all-layers"
+
+    def check(self, config) -> None:
+        k = config.knobs
+        if k.threshold is not None:
+            if not (isinstance(k.threshold, (int, float)) and k.threshold > 0):
+                raise ValueError(f"threshold={k.threshold!r} must be > 0, e.g. 2e-3 as in SaRA")
+            if config.selection != "small_magnitude" or config.structure != "unstructured":
+                raise ValueError("threshold chooses the entries with |w| below it: use selection='small_magnitude' "
+                                 "and structure='unstructured' with it")
+        if not (isinstance(k.nuclear_norm_weight, (int, float)) and k.nuclear_norm_weight >= 0):
+            raise ValueError(f"nuclear_norm_weight={k.nuclear_norm_weight!r} must be >= 0 (0 disables it)")
+        if not isinstance(k.nuclear_norm_layers, int) or k.nuclear_norm_layers < 1:
+            raise ValueError(f"nuclear_norm_layers={k.nuclear_norm_layers!r} must be an integer >= 1")
+        if k.nuclear_norm_rank is not None and (not isinstance(k.nuclear_norm_rank, int) or k.nuclear_norm_rank < 1):
+            raise ValueError(f"nuclear_norm_rank={k.nuclear_norm_rank!r} must be a positive integer or None (full SVD)")
+        if not k.nuclear_norm_weight and "nuclear_norm_layers" in config.given:
+            raise ValueError(f"nuclear_norm_layers={k.nuclear_norm_layers!r} has no effect with nuclear_norm_weight=0 "
+                             "(no penalty): set nuclear_norm_weight > 0; remove it or enable what it tunes")
+        if k.nuclear_norm_weight and config.structure == "none":
+            raise ValueError("nuclear_norm_weight penalises the sparse part, and structure='none' has none: set "
+                             "nuclear_norm_weight=0, or a structure with a sparse part")
+        step = k.progressive_step
+        if step:  # 0 or None: never
+            if (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0
+                    or (isinstance(step, float) and step >= 1 and not step.is_integer())):
+                raise ValueError(f"progressive_step={step!r} must be a step number >= 1 or a fraction of the run in (0, 1)")
+            if config.selection != "small_magnitude" or config.structure != "unstructured":
+                raise ValueError("progressive_step keeps training the entries still below the magnitude threshold: it "
+                                 "needs selection='small_magnitude' and structure='unstructured'")
+
+    def has_steps(self, config) -> bool:
+        return bool(config.knobs.nuclear_norm_weight) or bool(config.knobs.progressive_step)
+
+    def run_length_needed(self, config) -> str:
+        at = config.knobs.progressive_step
+        if isinstance(at, float) and at < 1:
+            return (f"progressive_step={at} as a fraction of the run needs the run's total number of optimizer steps "
+                    "(or give progressive_step as a step number)")
+        return ""
+
+    def steps(self, run: Run) -> list:
+        k, work = run.config.knobs, []
+        if k.nuclear_norm_weight:
+            work.append(NuclearNorm(run, k.nuclear_norm_weight, k.nuclear_norm_layers, k.nuclear_norm_rank))
+        if k.progressive_step and not (self.run_length_needed(run.config) and not run.total):
+            at = k.progressive_step
+            if isinstance(at, float) and at < 1:
+                at = max(1, round(at * run.total))
+            work.append(Progressive(run, int(at), k.threshold))
+        return work
+
+    def choose_support(self, layer, config, module_key, k, exclude) -> Optional[torch.Tensor]:
+        if config.knobs.threshold is None:
+            return None
+        # every entry below an absolute threshold, however many that is on this layer
+        support = below_threshold(layer._base_weight_2d(), config.knobs.threshold)
+        return support if exclude is None else support[~torch.isin(support, exclude.to(support.device))]
+
+    def card_lines(self, config) -> list[str]:
+        k, lines = config.knobs, []
+        if k.threshold is not None:
+            lines.append(f"entries with |w| < {k.threshold:g}")
+        if k.nuclear_norm_weight:
+            lines.append(f"nuclear-norm penalty λ={k.nuclear_norm_weight:g}")
+        if k.progressive_step:
+            lines.append(f"progressive step at {k.progressive_step:g}")
+        return lines
+
+
+def nuclear_subgradient(matrix: torch.Tensor, rank: Optional[int] = None) -> tuple[float, torch.Tensor]:
+    """‖M‖_* and a subgradient U·Vᵀ over the non-zero singular values (Watson 1992).
+
+    Directions of zero singular values are left out: at M = 0 the subgradient is 0, not a random
+    U·Vᵀ that would push an untrained update somewhere arbitrary. With `rank`, a randomized SVD of that
+    rank approximates both (cheap on large layers; the norm is then a lower bound).
+    """
+    if rank is not None and rank < min(matrix.shape):
+        u, s, v = torch.svd_lowrank(matrix, q=rank, niter=2)
+        vh = v.T
+    else:
+        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    keep = s > s.max() * 1e-6 if s.numel() and s.max() > 0 else torch.zeros_like(s, dtype=torch.bool)
+    return float(s.sum()), (u[:, keep] @ vh[keep]) if bool(keep.any()) else torch.zeros_like(matrix)
+
+
+class NuclearNorm:
+    def __init__(self, run: Run, weight: float, per_step: int, rank: Optional[int]):
+        self.run, self.weight, self.per_step, self.rank = run, weight, per_step, rank
+        self.layers = {n: m for n, m in run.layers.items() if self._part(m) is not None}
+
+    def _part(self, layer):
+        delta = layer.get_delta(self.run.adapter)
+        return None if delta is None else delta.sparse_part()
+
+    @torch.no_grad()
+    def before_optimizer_step(self, t: int) -> dict:
+        names = list(self.layers)
+        if not names:
+            return {}
+        # layers take turns, so every one is penalised equally often
+        per_step = min(self.per_step, len(names))
+        chosen = [names[((t - 1) * per_step + i) % len(names)] for i in range(per_step)]
+        total = 0.0
+        for name in chosen:
+            delta = self._part(self.layers[name])
+            norm, subgradient = nuclear_subgradient(delta.dense(torch.float32), self.rank)
+            total += norm
+            delta.add_dense_grad(self.weight * subgradient)
+        return {"sparse/nuclear_norm": total}
+
+
+class Progressive:
+    def __init__(self, run: Run, at_step: int, threshold: Optional[float]):
+        self.run, self.at_step, self.threshold = run, at_step, threshold
+        self.layers = {n: m for n, m in run.layers.items() if run.adapter in m.sparse_values}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, t: int) -> dict:
+        if t != self.at_step:
+            return {}
+        kept = total = 0
+        for layer in self.layers.values():
+            k, n = freeze_above_threshold(layer, self.run.adapter, self.threshold, self.run.optimizer)
+            kept, total = kept + k, total + n
+        if total and kept < 0.05 * total:
+            # faithful to the rule, but the rest of the run then trains almost nothing: say why
+            warnings.warn(
+                f"SaRA's progressive step at step {t} kept only {kept} of {total} entries training: the updates "
+                "have moved the others above the magnitude threshold, which is tiny for the smallest weights. The "
+                "paper ties the learning rate to the threshold (lr = 1e-3·exp(-350·θ)); lower the learning rate, set "
+                "a larger `threshold`, or progressive_step=0 to keep every entry training.",
+                stacklevel=2,
+            )
+        return {"sparse/progressive_kept": kept / max(total, 1), "sparse/trainable_after_progressive": kept}
+
+
+@torch.no_grad()
+def freeze_above_threshold(layer, adapter: str, threshold: Optional[float], optimizer=None) -> tuple[int, int]:
+    """Stop training every entry whose |w + Δ| is no longer below the threshold (SaRA §4.3).
+
+    Without an absolute threshold (a per-layer fraction chose the support), the layer's own is
+    implied: the largest |w| the selection took. Returns (entries still training, all entries).
+    """
+    values = layer.sparse_values[adapter]
+    if values.numel() == 0:
+        return 0, 0
+    delta = layer.get_delta(adapter)
+    rows, cols = delta.rows_cols()
+    w0 = layer._base_weight_2d()[rows.to(values.device), cols.to(values.device)].float()
+    limit = threshold if threshold is not None else float(w0.abs().max())
+    frozen = (w0 + delta.effective_values().float()).abs() >= limit
+    return values.numel() - layer.freeze_slots(adapter, frozen, optimizer), values.numel()

@@ -12,7 +12,7 @@ from peft import PeftModel, get_peft_model
 
 import sparse_peft
 from sparse_peft import SparseConfig, SparseLayer, SparseScheduler
-from sparse_peft.hooks import nuclear_subgradient
+from sparse_peft.methods.sara import nuclear_subgradient
 
 from ..conftest import tiny_llama
 
@@ -108,7 +108,7 @@ def _nuclear(model):
 
 
 def test_nuclear_norm_penalty_lowers_the_updates_nuclear_norm():
-    common = dict(method="sara", target_modules="all-linear", density=0.05, progressive_step=None)
+    common = dict(method="sara", target_modules="all-linear", density=0.05, progressive_step=0)
     plain, _, _ = _train(SparseConfig(nuclear_norm_weight=0.0, **common))
     penalised, _, history = _train(SparseConfig(nuclear_norm_weight=0.05, nuclear_norm_layers=14, **common))
     assert "sparse/nuclear_norm" in history[-1]
@@ -247,12 +247,12 @@ def test_files_hold_frozen_slots_as_one_bit_per_value_and_reload_them_exactly(tm
 
 
 def test_files_in_the_older_layout_with_frozen_slots_and_values_still_load(tmp_path, monkeypatch):
-    from sparse_peft import hub
+    from sparse_peft import files
 
     config = SparseConfig(method="sara", target_modules="all-linear", density=0.05, progressive_step=2)
     model, _, _ = _train(config, steps=4)
     model.eval()
-    monkeypatch.setattr(hub, "pack_frozen", lambda state_dict: state_dict)  # write as versions before 0.x did
+    monkeypatch.setattr(files, "pack_frozen", lambda state_dict: state_dict)  # write as versions before 0.x did
     model.save_pretrained(str(tmp_path))
     monkeypatch.undo()
     x = torch.randint(0, 128, (2, 9))

@@ -14,7 +14,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import sparse_peft
-from sparse_peft import SparseConfig, SparseLayer, sltrain
+from sparse_peft import SparseConfig, SparseLayer, pretraining
 from sparse_peft.prng import seed_for, seeded_subset
 
 from ..conftest import tiny_llama
@@ -81,8 +81,8 @@ def _fresh_llama(seed=0):
 
 
 def test_pretraining_mode_replaces_the_linears_trains_saves_loads_and_densifies():
-    model = sltrain.convert(_fresh_llama(), rank=4, density=0.1, alpha=8, seed=3)
-    replaced = [m for m in model.modules() if isinstance(m, sltrain.SLTrainLinear)]
+    model = pretraining.convert(_fresh_llama(), rank=4, density=0.1, alpha=8, seed=3)
+    replaced = [m for m in model.modules() if isinstance(m, pretraining.SLTrainLinear)]
     assert len(replaced) == 14 and not any(type(m) is nn.Linear for m in model.model.layers.modules())
     assert type(model.lm_head) is nn.Linear  # the output head stays dense, as in the paper
     # SLTrain's initialisation: B = 0, so each layer starts as its sparse part alone
@@ -103,10 +103,10 @@ def test_pretraining_mode_replaces_the_linears_trains_saves_loads_and_densifies(
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         assert not any("indices" in k for k in load_file(os.path.join(folder, "model.safetensors")))
-        loaded = sltrain.from_pretrained(folder)
+        loaded = pretraining.from_pretrained(folder)
         assert torch.equal(loaded(x).logits, model(x).logits)
-        dense = sltrain.densify(loaded)
-        assert not any(isinstance(m, sltrain.SLTrainLinear) for m in dense.modules())
+        dense = pretraining.densify(loaded)
+        assert not any(isinstance(m, pretraining.SLTrainLinear) for m in dense.modules())
         assert torch.allclose(dense(x).logits, model(x).logits, atol=1e-5)
         # a densified model is a plain transformers model again
         dense.save_pretrained(folder + "/dense")
@@ -117,7 +117,7 @@ def test_pretraining_mode_replaces_the_linears_trains_saves_loads_and_densifies(
 
 
 def test_pretraining_layer_never_keeps_a_dense_weight_for_backward():
-    layer = sltrain.SLTrainLinear(64, 48, rank=4, density=0.05, alpha=8, seed=0)
+    layer = pretraining.SLTrainLinear(64, 48, rank=4, density=0.05, alpha=8, seed=0)
     x = torch.randn(32, 64, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -132,7 +132,7 @@ def test_pretraining_layer_never_keeps_a_dense_weight_for_backward():
 
 
 def test_loading_refuses_a_mismatched_checkpoint():
-    model = sltrain.convert(_fresh_llama(), rank=4, density=0.1)
+    model = pretraining.convert(_fresh_llama(), rank=4, density=0.1)
     with tempfile.TemporaryDirectory() as folder:
         model.save_pretrained(folder)
         with open(os.path.join(folder, "config.json")) as f:
@@ -141,11 +141,11 @@ def test_loading_refuses_a_mismatched_checkpoint():
         with open(os.path.join(folder, "config.json"), "w") as f:
             json.dump(config, f)
         with pytest.raises(ValueError, match="shape"):
-            sltrain.from_pretrained(folder)
+            pretraining.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as folder:
         _fresh_llama().save_pretrained(folder)
         with pytest.raises(ValueError, match="no SLTrain model"):
-            sltrain.from_pretrained(folder)
+            pretraining.from_pretrained(folder)
 
 
 def test_store_indices_false_needs_a_random_support():
@@ -156,7 +156,7 @@ def test_store_indices_false_needs_a_random_support():
 @pytest.mark.parametrize("tokens", [1, 32])  # 1: the few-token gather; 32: one GEMM on the scratch weight
 def test_pretraining_layer_matches_dense_math_in_float64(tokens):
     torch.manual_seed(0)
-    layer = sltrain.SLTrainLinear(64, 48, rank=4, density=0.05, alpha=8, seed=3).double()
+    layer = pretraining.SLTrainLinear(64, 48, rank=4, density=0.05, alpha=8, seed=3).double()
     with torch.no_grad():
         layer.lora_B.normal_()  # B starts at zero: give the low-rank part a value
     mode = sparse_peft.ops.product_mode(tokens, layer.values.numel(), 48, 64)

@@ -11,7 +11,7 @@ from peft import get_peft_model
 
 import sparse_peft
 from sparse_peft import SparseConfig, SparseScheduler, ops
-from sparse_peft.schedule import GradientProbe, drop_fraction, regrow, top_positions
+from sparse_peft.regrowth import GradientProbe, drop_fraction, regrow, top_positions
 
 
 def test_drop_fraction_follows_the_papers_policies():
@@ -246,7 +246,7 @@ def test_momentum_regrowth_matches_a_brute_force_sm3_reference():
     outside = [p for p in range(24 * 24) if p not in indices]
     grown = sorted(outside, key=lambda p: -row_acc[p // 24] * col_acc[p % 24])[:n]
     assert layer.sparse_indices["default"].tolist() == sorted(kept | set(grown))
-    assert [len(a) for a in scheduler.momentum["base_model.model.proj"]] == [24, 24]  # O(rows + cols)
+    assert [len(a) for a in scheduler.hooks[0].momentum["base_model.model.proj"]] == [24, 24]  # O(rows + cols)
 
 
 def _distill(reselection_steps, steps=60):
@@ -378,5 +378,5 @@ def test_sm3_matches_a_hand_written_update_and_feeds_momentum_regrowth():
     state = optimizer.state[values]
     assert torch.allclose(state["row"], row) and torch.allclose(state["col"], col)
     # O(rows + cols) state, shared with the regrowth schedule rather than copied
-    assert scheduler.momentum["base_model.model.proj"][0] is state["row"]
+    assert scheduler.hooks[0].momentum["base_model.model.proj"][0] is state["row"]
     assert sum(t.numel() for t in state.values()) == 48

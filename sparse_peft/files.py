@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from .delta import FROZEN_NAMES, FROZEN_SLOTS, FROZEN_VALUES, INDEX_NAMES, INDICES, PARAMETER_NAMES, VALUES, check_stored
+from .layer import SparseLayer
 
 
 KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES) | set(FROZEN_NAMES)
@@ -39,8 +40,6 @@ def support_crc(indices: torch.Tensor) -> torch.Tensor:
 def add_layer_records(model: nn.Module, adapter_name: str, state_dict: dict, regenerated: bool) -> dict:
     """The file's per-layer records (`WEIGHT_SHAPE`, and `SUPPORT_CRC` where the indices are not stored),
     keyed like the layer's other tensors (`<layer>.<record>.<adapter>`) so PEFT strips the adapter name."""
-    from .layer import SparseLayer
-
     out = dict(state_dict)
     for name, layer in model.named_modules():
         if not isinstance(layer, SparseLayer) or adapter_name not in layer._all_available_adapter_names():
@@ -134,8 +133,6 @@ def _split(state_dict, layer_names, prefix):
 def add_optional_buffers(model: nn.Module, adapter_name: str, state_dict: dict, prefix: str) -> None:
     """Empty placeholders for the frozen-slot buffers a file holds and a fresh layer lacks (SaRA after
     its progressive step); `check_and_fit` validates them and gives them their shapes."""
-    from .layer import SparseLayer
-
     modules = dict(model.named_modules())
     for key in state_dict:
         layer_name, _, rest = key.rpartition(f".{prefix}")
@@ -159,8 +156,6 @@ def check_and_fit(
 
     Raises ValueError naming the first problem; the model is not modified in that case.
     """
-    from .layer import SparseLayer
-
     layers = {
         name: m
         for name, m in model.named_modules()
@@ -243,75 +238,3 @@ def _check_records(layers: dict, adapter_name: str, records: dict, regenerated: 
                     "adapter was trained with (checksums differ): adapter_config.json's `seed` was changed, or the "
                     "module names differ from the training run's; restore the original seed"
                 )
-
-
-# -- model card -------------------------------------------------------------------------------------
-_BEGIN, _END = "<!-- sparse_peft:begin -->", "<!-- sparse_peft:end -->"
-
-
-def model_card_section(peft_model) -> str:
-    """What a reader of the Hub page needs: the method, its budget, and how to load the adapter."""
-    from .layer import SparseLayer
-    from .methods import METHODS
-    from .version import __version__
-
-    lines = [_BEGIN, "## Sparse adapter (sparse_peft)", ""]
-    for name, config in peft_model.peft_config.items():
-        if getattr(config, "peft_type", None) != "SPARSE":
-            continue
-        method = METHODS.get(config.method)
-        title = f"{method.title} ([paper]({method.paper}))" if method else "custom (general fields only)"
-        layers = [m for m in peft_model.modules() if isinstance(m, SparseLayer) and name in m._all_available_adapter_names()]
-        trainable = sum(d.num_trainable() for d in (m.get_delta(name) for m in layers) if d is not None)
-        budget = f"density {config.density:g}" if config.equivalent_rank is None else f"LoRA-rank parity r={config.equivalent_rank}"
-        lines += [
-            f"- adapter `{name}`: {title}",
-            f"  - structure `{config.structure}`, {budget}, selection `{config.selection}`"
-            + (f", low-rank r={config.r}" if config.r else "")
-            + (f", regrowth every {config.reselection_steps} steps ({config.regrowth})" if config.reselection_steps else ""),
-            f"  - {len(layers)} adapted layers, {trainable:,} trainable parameters",
-        ]
-        extras = [
-            f"entries with |w| < {config.threshold:g}" if getattr(config, "threshold", None) is not None else "",
-            f"nuclear-norm penalty λ={config.nuclear_norm_weight:g}" if getattr(config, "nuclear_norm_weight", 0) else "",
-            f"progressive step at {config.progressive_step:g}" if getattr(config, "progressive_step", None) else "",
-            f"GGPO perturbation σ={config.perturbation_sigma:g}, β={config.perturbation_beta:g}"
-            if getattr(config, "perturbation", "none") == "ggpo" else "",
-            "support regenerated from the seed (no indices stored)" if getattr(config, "store_indices", True) is False else "",
-        ]
-        if any(extras):
-            lines.append("  - " + "; ".join(e for e in extras if e))
-        if method:
-            lines.append(f"  - please cite the method's paper: {method.paper}")
-    base = getattr(getattr(peft_model, "peft_config", {}).get(peft_model.active_adapter), "base_model_name_or_path", None)
-    lines += [
-        "",
-        "Load it (`import sparse_peft` first: it registers the method with PEFT):",
-        "",
-        "```python",
-        "import sparse_peft",
-        "from peft import AutoPeftModelForCausalLM",
-        f'model = AutoPeftModelForCausalLM.from_pretrained("<this repo>")  # base: {base or "see adapter_config.json"}',
-        "merged = model.merge_and_unload()  # plain transformers layers, e.g. for vLLM",
-        "```",
-        "",
-        f"Framework versions: sparse_peft {__version__}.",
-        _END,
-    ]
-    return "\n".join(lines)
-
-
-def update_model_card(output_dir: str, peft_model) -> None:
-    """Add (or refresh) our section in the README.md that PEFT has just written."""
-    import os
-
-    path = os.path.join(output_dir, "README.md")
-    text = ""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    if _BEGIN in text and _END in text:
-        head, _, rest = text.partition(_BEGIN)
-        text = head + rest.partition(_END)[2].lstrip("\n")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text.rstrip("\n") + "\n\n" + model_card_section(peft_model) + "\n")

@@ -1,11 +1,11 @@
 """SLTrain's pretraining mode: every targeted linear layer of a fresh model becomes W = (α/r)·B·A + S.
 
     model = AutoModelForCausalLM.from_config(config)           # random weights, nothing frozen
-    sparse_peft.sltrain.convert(model, rank=128, density=0.03)  # in place; returns the model
+    sparse_peft.pretraining.convert(model, rank=128, density=0.03)  # in place; returns the model
     ... train every parameter ...
     model.save_pretrained(folder)                              # values only: no index arrays
-    model = sparse_peft.sltrain.from_pretrained(folder)        # regenerates the supports from the seed
-    dense = sparse_peft.sltrain.densify(model)                 # plain nn.Linear layers, for any tool
+    model = sparse_peft.pretraining.from_pretrained(folder)        # regenerates the supports from the seed
+    dense = sparse_peft.pretraining.densify(model)                 # plain nn.Linear layers, for any tool
 
 There is no frozen W0 here, so this is not a PEFT adapter: the trained model is the artifact.
 (Fine-tuning a pretrained model with W0 + B·A + S is `SparseConfig(method="sltrain")`.)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparse_peft.measure import allocation_peak, peak_memory, saved_tensors
+from sparse_peft.memory import allocation_peak, peak_memory, saved_tensors
 
 MiB = 2**20
 

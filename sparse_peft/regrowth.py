@@ -1,0 +1,159 @@
+"""The general pieces of drop-and-regrow: which slots to drop, where to grow, the gradient statistics
+behind it, and the optimizer state that follows the indices. A method's per-step work (SpIEL's
+regrowth, RoSA's one-shot mask) is built from these.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import ops
+from ._util import unwrap_optimizer
+
+
+def drop_fraction(step: int, total: int, initial_rate: float, policy: str) -> float:
+    progress = min(step / total, 1.0)
+    if policy == "linear":
+        return initial_rate * (1.0 - progress)
+    return initial_rate * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def top_positions(
+    block_scores: Callable[[int, int], torch.Tensor],
+    out_features: int,
+    in_features: int,
+    n: int,
+    exclude: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The n flat positions of an (out × in) score matrix with the largest |score|, and their scores.
+
+    The matrix is never whole: `block_scores(r0, r1)` gives rows r0:r1, and a running top-n is
+    kept across blocks. Positions in `exclude` (sorted flat indices) never qualify.
+    Returns positions sorted ascending, with their signed scores.
+    """
+    step = max(1, ops._BLOCK_ELEMENTS // in_features)
+    best_pos = torch.empty(0, dtype=torch.long)
+    best_val = torch.empty(0)
+    for r0 in range(0, out_features, step):
+        r1 = min(r0 + step, out_features)
+        block = block_scores(r0, r1).reshape(-1).float()
+        key = block.abs()
+        if exclude is not None and exclude.numel():
+            lo, hi = torch.searchsorted(exclude.long(), torch.tensor([r0 * in_features, r1 * in_features])).tolist()
+            key[exclude[lo:hi].long() - r0 * in_features] = -math.inf
+        take = min(n, key.numel())
+        top = torch.topk(key, take).indices
+        keep = key[top] > -math.inf
+        best_pos = torch.cat([best_pos.to(top.device), top[keep] + r0 * in_features])
+        best_val = torch.cat([best_val.to(block.device), block[top[keep]]])
+        if best_pos.numel() > n:
+            top = torch.topk(best_val.abs(), n).indices
+            best_pos, best_val = best_pos[top], best_val[top]
+    order = best_pos.argsort()
+    return best_pos[order], best_val[order]
+
+
+@dataclass
+class Regrowth:
+    indices: torch.Tensor  # the new support, sorted, int64
+    source: torch.Tensor  # for each new slot, the old slot whose value and state it keeps, or -1
+    dropped: int  # old positions no longer in the support (equal to the new ones grown)
+
+
+def regrow(indices: torch.Tensor, values: torch.Tensor, n_drop: int, candidates: torch.Tensor, scores: torch.Tensor) -> Regrowth:
+    """Drop the n_drop slots of smallest |value|; grow the best-scoring candidates not kept.
+
+    A dropped position that is chosen again keeps its value and optimizer state. If fewer than
+    n_drop candidates qualify, the dropped slots of largest |value| stay, so the size of the
+    support never changes.
+    """
+    k = indices.numel()
+    positions = indices.long()
+    order = torch.argsort(values.detach().abs(), stable=True)  # smallest |value| first
+    outgoing, kept = order[:n_drop], order[n_drop:]
+    eligible = ~torch.isin(candidates, positions[kept])
+    candidates, scores = candidates[eligible], scores[eligible]
+    take = min(n_drop, candidates.numel())
+    chosen = candidates[torch.topk(scores, take).indices] if take else candidates[:0]
+    if take < n_drop:
+        refill = outgoing.flip(0)  # largest |value| first
+        refill = refill[~torch.isin(positions[refill], chosen)][: n_drop - take]
+        kept = torch.cat([kept, refill])
+    new = torch.cat([positions[kept], chosen]).sort().values
+    slot = torch.searchsorted(positions, new).clamp_(max=k - 1)
+    source = torch.where(positions[slot] == new, slot, torch.full_like(slot, -1))
+    return Regrowth(new, source, int((source < 0).sum()))
+
+
+class GradientProbe:
+    """The weight gradient of one layer at candidate positions, summed over an accumulation window.
+
+    Called from `ops.SparseLinear`'s backward with (dy, x). The first call builds the dense
+    gradient one block of rows at a time and keeps the n positions of largest |g| as the
+    candidates; later calls add the gradient at those candidates only. Memory: O(n).
+    """
+
+    def __init__(self, n_candidates: int):
+        self.n = n_candidates
+        self.candidates: Optional[torch.Tensor] = None
+        self.sums: Optional[torch.Tensor] = None
+
+    def __call__(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        if self.candidates is None:
+            out_features, in_features = dy.shape[1], x.shape[1]
+            x32, dy32 = x.float(), dy.float()
+            self.candidates, self.sums = top_positions(
+                lambda r0, r1: dy32[:, r0:r1].t() @ x32, out_features, in_features, self.n
+            )
+        else:
+            self.sums += ops.grad_at(dy, x, self.candidates, torch.float32)
+
+
+def gather_candidates(candidates: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool every rank's candidates and sums, so that every rank computes the same selection."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return candidates, sums
+    world = dist.get_world_size()
+    size = torch.tensor([candidates.numel()], device=sums.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    # all_gather needs one length: pad with position -1, dropped again below
+    pos = torch.full((longest,), -1, dtype=torch.long, device=sums.device)
+    val = torch.zeros(longest, dtype=torch.float32, device=sums.device)
+    pos[: candidates.numel()], val[: sums.numel()] = candidates, sums
+    all_pos = [torch.empty_like(pos) for _ in range(world)]
+    all_val = [torch.empty_like(val) for _ in range(world)]
+    dist.all_gather(all_pos, pos)
+    dist.all_gather(all_val, val)
+    pos, val = torch.cat(all_pos), torch.cat(all_val)
+    real = pos >= 0
+    unique, inverse = torch.unique(pos[real], return_inverse=True)
+    return unique, torch.zeros(unique.numel(), device=val.device).index_add_(0, inverse, val[real])
+
+
+def remap_optimizer_state(optimizer, param: torch.Tensor, source: torch.Tensor) -> None:
+    """Move per-element optimizer state with the slots it belongs to.
+
+    New slots start with zero state, except Adam's second moment (`exp_avg_sq`, `max_exp_avg_sq`):
+    it takes the mean over the kept slots. The step count is shared by the whole tensor, so Adam's
+    bias correction has long faded; with a zero second moment a new entry's first updates would be
+    ~3x the usual size (lr·(1-β1)/sqrt(1-β2)), with a typical one they are of typical size.
+    """
+    optimizer = unwrap_optimizer(optimizer)
+    state = optimizer.state.get(param) if optimizer is not None else None
+    if not state:
+        return
+    keep = source >= 0
+    for key, value in state.items():
+        if torch.is_tensor(value) and value.shape == param.shape:
+            moved = torch.zeros_like(value)
+            moved[keep] = value[source[keep]]
+            if "exp_avg_sq" in key and bool(keep.any()):
+                moved[~keep] = value[source[keep]].mean()
+            value.copy_(moved)
