@@ -19,87 +19,35 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
+
+from ._base import Method, Run
 
 
-@dataclass
-class Run:
-    """What a method's per-step work sees of a training run: the adapter, its config, its layers, the
-    run's length (None when not known), and the optimizer (None until the first step binds it)."""
-
-    adapter: str
-    config: Any
-    layers: dict = field(default_factory=dict)  # name -> sparse layer holding the adapter
-    total: Optional[int] = None
-    optimizer: Any = None
-
-
-class Method:
-    """One sparse fine-tuning method. Subclass it in `methods/<name>.py`; every hook has a default."""
-
-    name: str = ""
-    title: str = ""
-    paper: str = ""
-    # values for the general SparseConfig fields the user leaves unset
-    defaults: dict = {}
-    # its own fields (a dataclass; every field with metadata={"help": ...}), or None
-    Knobs: Optional[type] = None
-    # the layers it adapts when the user names none (architectures.default_targets): "all-linear",
-    # "all-layers" (with Conv2d), "query_value", or "roles" with `target_roles` from the architecture map
-    default_targets: str = "all-linear"
-    target_roles: tuple = ()
-    # what of the method is not built yet: non-empty makes SparseConfig warn when it is chosen
-    missing: str = ""
-
-    def check(self, config) -> None:
-        """Refuse (ValueError, naming the field and the fix) knob values that clash with the general fields."""
-
-    def has_steps(self, config) -> bool:
-        """Whether this adapter has work between optimizer steps (then it gets a scheduler when created)."""
-        return False
-
-    def run_length_needed(self, config) -> str:
-        """Why the per-step work needs the run's total number of optimizer steps; "" when it does not."""
-        return ""
-
-    def steps(self, run: Run) -> list:
-        """The per-step work of a run: objects with any of `before_optimizer_step(t) -> dict` (gradients
-        complete and clipped), `after_optimizer_step(t) -> dict` (after the update), `state_dict()` /
-        `load_state_dict(state, t)` (checkpoints) and `retire()` (another scheduler took over)."""
-        return []
-
-    def choose_support(self, layer, config, module_key: str, k: int, exclude):
-        """A support of its own for one layer ((positions, count) of an unstructured part), or None for
-        the general rule of `config.selection`."""
-        return None
-
-    def budget(self, config, structure: str, out_features: int, in_features: int) -> Optional[int]:
-        """Units per layer of its own (e.g. a column count), or None for the general budget."""
-        return None
-
-    def card_lines(self, config) -> list[str]:
-        """Its extra lines in the model card."""
-        return []
+__all__ = ["DEFAULT_METHOD", "KNOBS", "METHODS", "Method", "Run", "knob_fields", "lora_budget", "register_method"]
 
 
 METHODS: dict[str, Method] = {}
 KNOBS: dict[str, list[str]] = {}  # knob name -> the methods that have it
 
 
-def register_method(cls: type) -> Method:
-    """Make `cls` (a `Method` subclass) available as `SparseConfig(method=cls.name)`. Re-registering a
-    name replaces it (a reload); two different classes under one name are refused."""
-    if not (isinstance(cls, type) and issubclass(cls, Method)) or not cls.name:
+def register_method(cls: type, name: Optional[str] = None) -> Method:
+    """Make `cls` (a `Method` subclass) available as `SparseConfig(method=name)`, by default `cls.name`.
+    Re-registering a name with a class of the same module replaces it (a reload); another module's is
+    refused."""
+    name = name or getattr(cls, "name", "")
+    if not (isinstance(cls, type) and issubclass(cls, Method)) or not name:
         raise TypeError(f"{cls!r} is not a Method subclass with a name")
-    previous = METHODS.get(cls.name)
-    if previous is not None and type(previous).__qualname__ != cls.__qualname__:
-        raise ValueError(f"method {cls.name!r} is registered already by {type(previous).__module__}")
-    METHODS[cls.name] = method = cls()
+    previous = METHODS.get(name)
+    if previous is not None and type(previous).__module__ != cls.__module__:
+        raise ValueError(f"method {name!r} is registered already by {type(previous).__module__}")
+    method = cls()
+    method.name = name
+    METHODS[name] = method
     for knob in knob_fields(method):
         KNOBS.setdefault(knob.name, [])
-        if cls.name not in KNOBS[knob.name]:
-            KNOBS[knob.name].append(cls.name)
+        if name not in KNOBS[knob.name]:
+            KNOBS[knob.name].append(name)
     return method
 
 
@@ -114,7 +62,7 @@ def _discover() -> None:
         module = importlib.import_module(f"{__name__}.{info.name}")
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, Method) and obj is not Method and obj.__module__ == module.__name__:
-                register_method(obj)
+                register_method(obj, name=info.name)  # the file's name is the method's name
     try:
         from importlib.metadata import entry_points
 

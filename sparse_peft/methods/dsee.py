@@ -10,11 +10,10 @@ Fused layers count whole: Phi-3's qkv_proj, GPT-2's c_attn, GPT-NeoX's and Falco
 query_key_value. Where sparse_peft's map lacks the model, PEFT's LoRA table names them.
 """
 
-from . import Method
+from ._base import Method
 
 
 class Dsee(Method):
-    name = "dsee"
     title = "DSEE: dually sparsity-embedded efficient tuning"
     paper = "https://arxiv.org/abs/2111.00160"
     defaults = dict(

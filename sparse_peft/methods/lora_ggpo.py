@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from ..perturbation import ggpo_row_std, row_sq_norms
-from . import Method, Run
+from ._base import Method, Run
 
 
 @dataclass
@@ -34,7 +34,6 @@ class GgpoKnobs:
 
 
 class LoraGgpo(Method):
-    name = "lora_ggpo"
     title = "LoRA-GGPO: gradient-guided perturbation optimization"
     paper = "https://arxiv.org/abs/2502.14538"
     defaults = dict(structure="none", r=8)

@@ -6,11 +6,10 @@ budget there, and that is where partial backprop saves activation memory. A mode
 needs target_modules; its input columns then train without head groups.
 """
 
-from . import Method
+from ._base import Method
 
 
 class S2ft(Method):
-    name = "s2ft"
     title = "S²FT: structured sparse fine-tuning"
     paper = "https://arxiv.org/abs/2412.06289"
     defaults = dict(structure="columns", selection="random", density=0.05, r=0, head_groups=True)

@@ -27,7 +27,7 @@ from typing import Optional, Union
 import torch
 
 from ..selection import below_threshold
-from . import Method, Run
+from ._base import Method, Run
 
 
 @dataclass
@@ -51,7 +51,6 @@ class SaraKnobs:
 
 
 class Sara(Method):
-    name = "sara"
     title = "SaRA: re-training the ineffective parameters"
     paper = "https://arxiv.org/abs/2409.06633"
     defaults = dict(structure="unstructured", selection="small_magnitude", density=0.01, r=0)

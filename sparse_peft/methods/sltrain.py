@@ -9,11 +9,10 @@ linear layer of attention and MLP (q, k, v, o, gate, up, down) and leaves embedd
 dense; its fine-tuning appendix gives no other set.
 """
 
-from . import Method
+from ._base import Method
 
 
 class SLTrain(Method):
-    name = "sltrain"
     title = "SLTrain: sparse plus low-rank training"
     paper = "https://arxiv.org/abs/2406.02214"
     defaults = dict(structure="unstructured", selection="random", density=0.03, r=8, lora_alpha=32, store_indices=False)

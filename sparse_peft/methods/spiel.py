@@ -22,7 +22,7 @@ import torch
 from .._util import unwrap_optimizer
 from ..optim import SparseSM3, sm3_accumulate
 from ..regrowth import GradientProbe, drop_fraction, gather_candidates, regrow, remap_optimizer_state, top_positions
-from . import Method, Run
+from ._base import Method, Run
 
 
 @dataclass
@@ -43,7 +43,6 @@ class SpielKnobs:
 
 
 class Spiel(Method):
-    name = "spiel"
     title = "SpIEL: sparse fine-tuning with index pruning and regrowth"
     paper = "https://arxiv.org/abs/2401.16405"
     defaults = dict(structure="unstructured", selection="random", density=0.01, r=0)
