@@ -17,8 +17,10 @@ from collections.abc import Iterable, Mapping
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ._util import find_peft_model
+from .layer import Conv2d
 from .ops import _BLOCK_ELEMENTS
 from .selection import CALIBRATION_RULES, GRADIENT_RULES
 
@@ -52,8 +54,6 @@ def calibration_statistics(
     The values are input-feature norms for the activation rules and gradient-column norms for the
     gradient rules, both of the base model: every adapter is disabled during the pass.
     """
-    from .layer import Conv2d
-
     model = _peft_model(model)
     adapter = adapter_name or model.active_adapter
     config = model.peft_config[adapter]
@@ -92,8 +92,6 @@ def calibration_statistics(
 def _sum_over_ranks(squares: dict, tokens: int, layers: dict) -> tuple[dict, int]:
     """Under torch.distributed, add up every rank's sums, so that all ranks choose the same supports
     (DDP averages gradients by position: different supports would silently mix different columns)."""
-    import torch.distributed as dist
-
     if not (dist.is_available() and dist.is_initialized()):
         return squares, tokens
     summed = {}

@@ -520,7 +520,10 @@ class SparseConfig(PeftConfig):
         Rows and columns come in whole groups of `group` (heads); the count is a multiple of it.
         """
         size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
-        if self.equivalent_rank is not None:
+        own = self.method_impl.budget(self, structure, out_features, in_features)
+        if own is not None:  # the method counts its own units (e.g. PaCA's r columns)
+            k = own
+        elif self.equivalent_rank is not None:
             # what a LoRA of that rank trains, less what our own low-rank part already does
             per_unit = {"unstructured": 1, "rows": in_features, "columns": out_features}[structure]
             k = (self.equivalent_rank - self.r) * (in_features + out_features) / per_unit

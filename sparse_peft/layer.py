@@ -32,6 +32,7 @@ from .delta import (
     Delta,
     index_dtype,
 )
+from .perturbation import perturbed_linear
 from .prng import seed_for, seeded_subset
 from .selection import NeedsCalibration, module_seed, select
 
@@ -453,8 +454,6 @@ class SparseLayer(BaseTunerLayer):
         self, x: torch.Tensor, row_std: torch.Tensor, seed: int, delta: Optional[Delta] = None
     ) -> torch.Tensor:
         """x·(W0 + ε)ᵀ + b, plus the update of `delta` (low-rank only) folded into the same weight."""
-        from .perturbation import perturbed_linear
-
         base = self.get_base_layer()
         lora = () if delta is None else (delta.lora_A, delta.lora_B, delta.scaling)
         return perturbed_linear(x, self._as_2d(base.weight), base.bias, row_std, seed, *lora)

@@ -228,7 +228,7 @@ class SparseLinear(Function):
         if ctx.needs_input_grad[1]:
             dvalues = grad_at(dy2, _rows2d(x), indices, values.dtype)
         if ctx.probe is not None:
-            ctx.probe(dy2, _rows2d(x))
+            _run_probe(ctx.probe, dy2, _rows2d(x))
         return dx, dvalues, None, None, None
 
 
@@ -275,7 +275,7 @@ class MergedSparseLinear(Function):
         elif ctx.needs_input_grad[3]:
             dvalues = grad_at(dy2.to(values.dtype), _rows2d(x), indices, values.dtype)
         if ctx.probe is not None:
-            ctx.probe(dy2.to(values.dtype), _rows2d(x))
+            _run_probe(ctx.probe, dy2.to(values.dtype), _rows2d(x))
         return dx, None, None, dvalues, None, None, da, db, None
 
 
@@ -410,6 +410,13 @@ class LowRankLinear(Function):
             if ctx.needs_input_grad[2]:
                 db = (dy2.t() @ (x2 @ lora_a.t())) * ctx.scaling
         return dx, da, db, None
+
+
+# A probe keeps statistics of data-dependent size (a running top-n): under torch.compile it runs eagerly,
+# a graph break in the backward of the steps that collect statistics (SpIEL's windows, RoSA's warm-up).
+@torch.compiler.disable
+def _run_probe(probe, dy: torch.Tensor, x: torch.Tensor) -> None:
+    probe(dy, x)
 
 
 def sparse_linear(x, values, indices, out_features: int, probe=None) -> torch.Tensor:

@@ -157,3 +157,34 @@ def remap_optimizer_state(optimizer, param: torch.Tensor, source: torch.Tensor) 
             if "exp_avg_sq" in key and bool(keep.any()):
                 moved[~keep] = value[source[keep]].mean()
             value.copy_(moved)
+
+
+class SquaredGradientPool:
+    """Σ g² of one layer's weight gradient over a window, kept for a pool of n positions (a streaming top-n).
+
+    Called from `ops.SparseLinear`'s backward with (dy, x). Each call streams the dense gradient
+    g = dyᵀx one block of rows at a time (never the whole out × in at once), adds g² to the sums the
+    pool carries, and keeps the n positions of largest running sum: a position enters whenever its
+    accumulated statistic beats the pool's weakest, and one that leaves forgets its history. So the
+    kept set approximates the top-n of the exact Σ g² (its recall is measured in tests/methods/test_rosa.py).
+    Memory: the pool (n positions and sums) plus one block. Costs a dense gradient per backward.
+    """
+
+    def __init__(self, n: int):
+        self.n = n
+        self.candidates: Optional[torch.Tensor] = None
+        self.sums: Optional[torch.Tensor] = None
+
+    def __call__(self, dy: torch.Tensor, x: torch.Tensor) -> None:
+        out_features, in_features = dy.shape[1], x.shape[1]
+        x32, dy32 = x.float(), dy.float()
+        pool, sums = self.candidates, self.sums
+
+        def block(r0: int, r1: int) -> torch.Tensor:
+            g = (dy32[:, r0:r1].t() @ x32).square_()
+            if pool is not None:
+                lo, hi = torch.searchsorted(pool, torch.tensor([r0 * in_features, r1 * in_features], device=pool.device)).tolist()
+                g.view(-1).index_add_(0, pool[lo:hi] - r0 * in_features, sums[lo:hi].to(g.device))
+            return g
+
+        self.candidates, self.sums = top_positions(block, out_features, in_features, self.n)

@@ -120,3 +120,13 @@ def trainer_run_and_resume(tmp_path, config_fn, examples: int, max_steps: int, s
     full = run()
     return full, run(resume=str(tmp_path / "run" / f"checkpoint-{save_steps}"))
 
+
+
+def method_config(method: str, **kwargs):
+    """SparseConfig of a method for the short runs of the shared per-method suites: a warm-up (RoSA's) of one step."""
+    from sparse_peft import METHODS, SparseConfig
+    from sparse_peft.methods import knob_fields
+
+    if "warmup_steps" in {f.name for f in knob_fields(METHODS[method])} and "warmup_steps" not in kwargs:
+        kwargs["warmup_steps"] = 1
+    return SparseConfig(method=method, **kwargs)

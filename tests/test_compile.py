@@ -9,6 +9,8 @@ from peft import get_peft_model
 import sparse_peft
 from sparse_peft import METHODS, SparseConfig
 
+from .conftest import method_config
+
 
 
 def _one_layer_llama():
@@ -25,7 +27,7 @@ def test_fullgraph_compile_matches_eager(method, monkeypatch):
     # aot_eager runs AOTAutograd's tracing of forward and backward (what inductor would compile)
     # without generating kernels; fullgraph=True turns any graph break into an error
     kwargs = dict(num_trainable=2000) if method == "s2ft" else dict(target_modules="all-linear")
-    model = get_peft_model(_one_layer_llama().train(), SparseConfig(method=method, init_weights=False, **kwargs))
+    model = get_peft_model(_one_layer_llama().train(), method_config(method, init_weights=False, **kwargs))
     ids = torch.randint(0, 128, (2, 12))
     torch._dynamo.reset()
     # eager: weight gradients in blocks of 2 rows (as large layers are); compiled: one block
@@ -34,9 +36,11 @@ def test_fullgraph_compile_matches_eager(method, monkeypatch):
     eager.backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    # GGPO's noisy training forward draws its noise eagerly (perturbation.perturbed_linear): a graph
-    # break per layer, so it compiles without fullgraph; its eval forward is checked whole below
-    fullgraph = method != "lora_ggpo"
+    # GGPO's noisy training forward draws its noise eagerly (perturbation.perturbed_linear), and a layer
+    # collecting gradient statistics (RoSA's warm-up) runs its probe eagerly (ops._run_probe): a graph break
+    # per layer, so those compile without fullgraph; their eval forward is checked whole below
+    collecting = any(m.sparse_probe for m in model.modules() if isinstance(m, sparse_peft.SparseLayer))
+    fullgraph = not (collecting or any(m.sparse_noise for m in model.modules() if isinstance(m, sparse_peft.SparseLayer)))
     loss = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.testing.assert_close(loss, eager)

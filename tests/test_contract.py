@@ -13,7 +13,7 @@ from peft import get_peft_model
 import sparse_peft  # noqa: F401
 from sparse_peft import METHODS, SparseConfig, SparseLayer, SparseScheduler
 
-from .conftest import tiny_llama
+from .conftest import method_config, tiny_llama
 
 
 X = torch.randint(0, 128, (2, 9))
@@ -26,7 +26,7 @@ def _mlp(seed=0):
 
 def _config(method, **kwargs):
     # S²FT needs target_modules on a model without a map; the others take their default targets
-    return SparseConfig(method=method, **kwargs)
+    return method_config(method, **kwargs)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -10,13 +10,13 @@ from peft.tuners.lora.conversion import save_as_lora
 import sparse_peft  # noqa: F401
 from sparse_peft import METHODS, SparseConfig
 
-from .conftest import tiny_gpt2, tiny_llama
+from .conftest import method_config, tiny_gpt2, tiny_llama
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_a_full_energy_export_reproduces_the_sparse_adapter(tmp_path, method):
     # rank=1.0 keeps every singular value: the LoRA is ΔW itself, up to the SVD's rounding
-    model = get_peft_model(tiny_llama(), SparseConfig(method=method, target_modules="all-linear", init_weights=False)).eval()
+    model = get_peft_model(tiny_llama(), method_config(method, target_modules="all-linear", init_weights=False)).eval()
     x = torch.randint(0, 128, (2, 7))
     save_as_lora(str(tmp_path), model, rank=1.0)
     lora = PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()

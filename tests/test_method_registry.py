@@ -16,7 +16,7 @@ import sparse_peft
 from sparse_peft import METHODS, SparseConfig, SparseScheduler
 from sparse_peft import methods as registry
 
-from .conftest import tiny_llama
+from .conftest import method_config, tiny_llama
 
 
 PACKAGE = Path(sparse_peft.__file__).parent
@@ -48,8 +48,8 @@ def test_a_copy_of_a_method_file_under_a_new_name_is_a_working_method(copied_met
     original = copied_method.removeprefix("copy_of_")
     assert METHODS[copied_method].name == copied_method
     targets = {} if METHODS[original].default_targets == "roles" else dict(target_modules=["q_proj", "v_proj", "down_proj"])
-    config = SparseConfig(method=copied_method, init_weights=False, **targets)
-    reference = SparseConfig(method=original, init_weights=False, **targets)
+    config = method_config(copied_method, init_weights=False, **targets)
+    reference = method_config(original, init_weights=False, **targets)
     assert config.method_config == reference.method_config  # the same knobs, from the copied file
     model = get_peft_model(tiny_llama().train(), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

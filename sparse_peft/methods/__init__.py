@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pkgutil
+import warnings
 from typing import Optional
 
 from ._base import Method, Run
@@ -69,8 +70,6 @@ def _discover() -> None:
         for entry in entry_points(group="sparse_peft.methods"):
             register_method(entry.load())
     except Exception as err:  # a broken third-party plugin must not break the package: say so
-        import warnings
-
         warnings.warn(f"a sparse_peft.methods entry point failed to load ({err}); its method is unavailable")
 
 

@@ -20,7 +20,11 @@ SETUPS = {
     "spiel-momentum": dict(density=0.05, reselection_steps=3, accumulation_steps=2, regrowth="momentum"),
     "sara": dict(method="sara", density=0.05, nuclear_norm_weight=0.05, nuclear_norm_layers=14, progressive_step=3),
     "lora_ggpo": dict(method="lora_ggpo", perturbation_sigma=0.3, perturbation_beta=1.0),
+    "rosa": dict(method="rosa", warmup_steps=3),  # the mask is chosen at step 3 from every rank's statistics
 }
+# every other discovered method with its preset: ranks must stay identical there too
+SETUPS.update({name: dict(method=name) for name in __import__("sparse_peft").METHODS
+               if name not in SETUPS and name not in ("spiel",)})
 
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -1,0 +1,161 @@
+"""RoSA (Nikdan et al., ICML 2024): robust adaptation, a LoRA plus a sparse part whose support comes from
+the accumulated gradient of each weight.
+
+The paper picks each layer's mask as the top-k of the squared gradients summed over its first
+samples, then trains both parts. Its reference code needs two runs (pick the mask, restart) and
+keeps dense fp32 gradients of every layer in host memory; here it is one run:
+
+- warm-up (the first `warmup_steps` optimizer steps): only the LoRA trains. The sparse part sits on
+  a placeholder support with zero values and gets no update (its gradients are dropped before each
+  step); every adapted layer keeps Σ g² for a pool of `pool` × k positions, streamed block by block
+  (regrowth.SquaredGradientPool: a pool, never a dense accumulator);
+- after update `warmup_steps`: each layer's support becomes the top-k of its pool, once (summed over
+  data-parallel ranks, so every rank chooses the same); the values start at zero with fresh
+  optimizer state, and both parts train from then on.
+
+Default targets ("all-linear"): the paper adapts every linear layer of the transformer blocks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..regrowth import SquaredGradientPool, gather_candidates, remap_optimizer_state
+from ._base import Method, Run
+
+
+@dataclass
+class RosaKnobs:
+    warmup_steps: int = field(default=20, metadata={
+        "help": "Optimizer steps over which each weight's squared gradients are accumulated before the sparse "
+        "mask is chosen, once; only the low-rank part trains until then."})
+    pool: float = field(default=4.0, metadata={
+        "help": "Candidates kept per layer during the warm-up, as a multiple of the layer's mask size k (a streaming "
+        "top-k of the accumulated statistic: memory pool × k entries per layer, no dense accumulator)."})
+
+
+class Rosa(Method):
+    title = "RoSA: robust adaptation (low-rank plus gradient-chosen sparse)"
+    paper = "https://arxiv.org/abs/2401.04679"
+    # the paper's LLaMA-2 runs: r = 16 with a 0.6 % sparse part; here half of LoRA-8's budget each at parity
+    defaults = dict(structure="unstructured", selection="random", density=0.006, r=16, lora_alpha=16)
+    Knobs = RosaKnobs
+
+    def check(self, config) -> None:
+        k = config.knobs
+        if not isinstance(k.warmup_steps, int) or k.warmup_steps < 1:
+            raise ValueError(f"warmup_steps={k.warmup_steps!r} must be an integer >= 1 (optimizer steps of statistics)")
+        if not k.pool >= 1:
+            raise ValueError(f"pool={k.pool!r} must be >= 1 (candidates per mask entry)")
+        if config.structure != "unstructured":
+            raise ValueError(f"RoSA chooses single entries: structure must be 'unstructured', not {config.structure!r}")
+        if not config.store_indices:
+            raise ValueError("RoSA's mask comes from gradients, not from the seed: store_indices must stay True")
+
+    def has_steps(self, config) -> bool:
+        return True
+
+    def steps(self, run: Run) -> list:
+        layers = {n: m for n, m in run.layers.items() if run.adapter in m.sparse_values}
+        return [GradientMask(run, layers)] if layers else []
+
+    def card_lines(self, config) -> list[str]:
+        return [f"sparse mask: top-k of Σ g² over the first {config.knobs.warmup_steps} optimizer steps (LoRA alone "
+                "until then)"]
+
+
+class GradientMask:
+    """The warm-up: statistics in, sparse gradients out; then the one-shot choice of every mask."""
+
+    def __init__(self, run: Run, layers: dict):
+        self.run, self.layers = run, layers
+        self.warmup, self.pool = run.config.knobs.warmup_steps, run.config.knobs.pool
+        self.chosen = False
+        if run.total is not None and run.total < self.warmup:
+            raise ValueError(
+                f"the run has {run.total} optimizer steps, fewer than RoSA's warmup_steps={self.warmup}: its mask "
+                "would never be chosen (the sparse part would stay an untrained placeholder); lower warmup_steps"
+            )
+        if run.total is None:
+            # an adapter's own scheduler, made before the run's length is known: say what happens if it is short
+            warnings.warn(
+                f"RoSA chooses its sparse mask after {self.warmup} optimizer steps (warmup_steps); until then only "
+                "the low-rank part trains, and a run that stops earlier keeps a placeholder support with zero values",
+                stacklevel=5,
+            )
+        self._arm()
+
+    def _arm(self) -> None:
+        self._armed = []
+        for layer in self.layers.values():
+            k = layer.sparse_values[self.run.adapter].numel()
+            probe = SquaredGradientPool(max(k, round(self.pool * k)))
+            layer.sparse_probe[self.run.adapter] = probe
+            self._armed.append(probe)
+            self._armed.append(probe)
+
+    def retire(self) -> None:
+        # only the pools this run armed: a scheduler that takes over has armed its own already
+        for layer in self.layers.values():
+            if any(layer.sparse_probe.get(self.run.adapter) is probe for probe in self._armed):
+                layer.sparse_probe.pop(self.run.adapter)
+
+    def before_optimizer_step(self, t: int) -> dict:
+        if t <= self.warmup:
+            for layer in self.layers.values():  # the placeholder support does not train
+                layer.sparse_values[self.run.adapter].grad = None
+        return {}
+
+    @torch.no_grad()
+    def after_optimizer_step(self, t: int) -> dict:
+        if t != self.warmup:
+            return {}
+        adapter, total_k, found = self.run.adapter, 0, 0
+        for layer in self.layers.values():
+            values, indices = layer.sparse_values[adapter], layer.sparse_indices[adapter]
+            probe = layer.sparse_probe.pop(adapter, None)
+            k = values.numel()
+            total_k += k
+            if probe is None or probe.candidates is None:
+                continue  # no backward reached this layer in the warm-up: its placeholder stays (counted below)
+            candidates, sums = gather_candidates(probe.candidates, probe.sums)
+            top = torch.topk(sums, min(k, sums.numel())).indices
+            chosen = candidates[top].sort().values
+            if chosen.numel() < k:  # fewer candidates than slots (a tiny layer): keep placeholders for the rest
+                rest = indices.long()[~torch.isin(indices.long(), chosen)][: k - chosen.numel()]
+                chosen = torch.cat([chosen, rest]).sort().values
+            indices.copy_(chosen.to(indices.dtype))
+            values.zero_()
+            remap_optimizer_state(self.run.optimizer, values, torch.full_like(indices, -1, dtype=torch.long))
+            found += 1
+        self.chosen = True
+        if found < len(self.layers):
+            warnings.warn(f"RoSA: {len(self.layers) - found} of {len(self.layers)} layers saw no gradient in the "
+                          "warm-up and keep their placeholder support", stacklevel=2)
+        return {"sparse/mask_chosen_layers": found, "sparse/mask_entries": total_k}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {}
+        for name, layer in self.layers.items():
+            probe = layer.sparse_probe.get(self.run.adapter)
+            if isinstance(probe, SquaredGradientPool):
+                state[f"pool.{name}.size"] = torch.tensor([probe.n])
+                if probe.candidates is not None:
+                    state[f"pool.{name}.candidates"], state[f"pool.{name}.sums"] = probe.candidates, probe.sums
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], t: int) -> None:
+        self.chosen = t >= self.warmup
+        for name, layer in self.layers.items():
+            layer.sparse_probe.pop(self.run.adapter, None)
+            if self.chosen or f"pool.{name}.size" not in state:
+                continue
+            probe = SquaredGradientPool(int(state[f"pool.{name}.size"][0]))
+            if f"pool.{name}.candidates" in state:
+                device = layer.sparse_values[self.run.adapter].device
+                probe.candidates = state[f"pool.{name}.candidates"].to(device)
+                probe.sums = state[f"pool.{name}.sums"].to(device)
+            layer.sparse_probe[self.run.adapter] = probe
