@@ -45,12 +45,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import sparse_peft  # noqa: F401  (registers SparseConfig with PEFT)
 from sparse_peft import METHODS, SparseConfig, SparseScheduler, calibrate
-from sparse_peft.methods import lora_budget
+from sparse_peft.methods import knob_fields, lora_budget
 from sparse_peft.memory import saved_tensors
 from sparse_peft.selection import ACTIVATION_RULES
 
 
 R = 8  # LoRA's rank; every adapter gets LoRA's trainable count at this rank
+MASK_WARMUP = 4  # RoSA's warm-up, in optimizer steps: within --quick's 6 and the default 30 fine-tuning steps
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 WARMUP = 2  # steps left out of the step-time median (first calls allocate and pick kernels)
 # Fine-tuning learning rate, shared by every setup (AdamW, constant, no weight decay), from a sweep of
@@ -84,7 +85,10 @@ def method_kwargs(name: str, budget: Budget) -> dict:
     """SparseConfig fields that give method `name` LoRA's trainable count."""
     if METHODS[name].target_roles:  # the method picks its own layers (S²FT: o_proj, down_proj): LoRA's total over them
         return dict(num_trainable=budget.lora)
-    return dict(lora_budget(name, R), target_modules=TARGETS)  # LoRA's rank, shared with a low-rank part if any
+    fields = dict(lora_budget(name, R), target_modules=TARGETS)  # LoRA's rank, shared with a low-rank part if any
+    if any(f.name == "warmup_steps" for f in knob_fields(METHODS[name])):
+        fields["warmup_steps"] = MASK_WARMUP  # RoSA: a mask chosen within the short fine-tuning run
+    return fields
 
 
 # Extra rows: a method with other settings (name, method, fields over method_kwargs).

@@ -147,3 +147,28 @@ def test_the_package_has_no_import_cycle():
         if m not in done:
             visit(m, [m])
     assert not cycles, cycles
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_merges_exactly_switches_adapters_and_disables(method):
+    base = tiny_llama()
+    x = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        reference = base(x).logits
+    model = get_peft_model(base, method_config(method, init_weights=False)).eval()
+    model.add_adapter("second", method_config(method, init_weights=False))
+    with torch.no_grad():
+        first = model(x).logits
+        model.set_adapter("second")
+        second = model(x).logits
+        model.set_adapter("default")
+        with model.disable_adapter():
+            torch.testing.assert_close(model(x).logits, reference)
+        assert not torch.allclose(first, second)  # two adapters, two updates
+        model.merge_adapter()
+        torch.testing.assert_close(model(x).logits, first, rtol=1e-4, atol=1e-4)
+        model.unmerge_adapter()
+        torch.testing.assert_close(model(x).logits, first, rtol=1e-4, atol=1e-4)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(x).logits, first, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, sparse_peft.SparseLayer) for m in merged.modules())

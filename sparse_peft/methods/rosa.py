@@ -79,13 +79,9 @@ class GradientMask:
                 f"the run has {run.total} optimizer steps, fewer than RoSA's warmup_steps={self.warmup}: its mask "
                 "would never be chosen (the sparse part would stay an untrained placeholder); lower warmup_steps"
             )
-        if run.total is None:
-            # an adapter's own scheduler, made before the run's length is known: say what happens if it is short
-            warnings.warn(
-                f"RoSA chooses its sparse mask after {self.warmup} optimizer steps (warmup_steps); until then only "
-                "the low-rank part trains, and a run that stops earlier keeps a placeholder support with zero values",
-                stacklevel=5,
-            )
+        # trained without the run's length (a plain loop that made no SparseScheduler): say at the first step
+        # what happens to a run shorter than the warm-up; trainers give the length and hear nothing
+        self._warn_unknown_length = run.total is None
         self._arm()
 
     def _arm(self) -> None:
@@ -104,6 +100,14 @@ class GradientMask:
                 layer.sparse_probe.pop(self.run.adapter)
 
     def before_optimizer_step(self, t: int) -> dict:
+        if self._warn_unknown_length:
+            self._warn_unknown_length = False
+            warnings.warn(
+                f"RoSA chooses its sparse mask after {self.warmup} optimizer steps (warmup_steps); until then only "
+                "the low-rank part trains, and a run that stops earlier keeps a placeholder support with zero values. "
+                "Give the run's length (SparseScheduler(model, optimizer, total_steps=N)) to have a short run refused.",
+                stacklevel=2,
+            )
         if t <= self.warmup:
             for layer in self.layers.values():  # the placeholder support does not train
                 layer.sparse_values[self.run.adapter].grad = None

@@ -86,8 +86,12 @@ def test_a_run_shorter_than_the_warm_up_is_refused_and_an_unknown_length_warned(
     model = get_peft_model(tiny_llama().train(), SparseConfig(method="rosa", warmup_steps=20))
     with pytest.raises(ValueError, match="the run has 10 optimizer steps, fewer than RoSA's warmup_steps=20"):
         SparseScheduler(model, None, total_steps=10)
+    model = get_peft_model(tiny_llama().train(), SparseConfig(method="rosa", warmup_steps=20))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = _batches(1)[0]
+    model(x, labels=x).loss.backward()
     with pytest.warns(UserWarning, match="RoSA chooses its sparse mask after 20 optimizer steps"):
-        get_peft_model(tiny_llama().train(), SparseConfig(method="rosa", warmup_steps=20))
+        opt.step()  # a plain loop that gave no length: told at its first step
 
 
 def test_resuming_in_the_warm_up_chooses_the_same_mask(tmp_path):
