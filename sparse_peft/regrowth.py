@@ -188,3 +188,20 @@ class SquaredGradientPool:
             return g
 
         self.candidates, self.sums = top_positions(block, out_features, in_features, self.n)
+
+
+def attach_probes(layers: dict, adapter: str, make: Callable) -> list:
+    """Give every layer a fresh probe `make(layer)` for this adapter (its backward then feeds it); returns
+    them, so that only these are taken off again (`detach_probes`)."""
+    probes = []
+    for layer in layers.values():
+        layer.sparse_probe[adapter] = probe = make(layer)
+        probes.append(probe)
+    return probes
+
+
+def detach_probes(layers: dict, adapter: str, probes: list) -> None:
+    """Take off those of `probes` still attached; a scheduler that took over may have attached its own."""
+    for layer in layers.values():
+        if any(layer.sparse_probe.get(adapter) is probe for probe in probes):
+            layer.sparse_probe.pop(adapter)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..regrowth import SquaredGradientPool, gather_candidates, remap_optimizer_state
+from ..regrowth import SquaredGradientPool, attach_probes, detach_probes, gather_candidates, remap_optimizer_state
 from ._base import Method, Run
 
 
@@ -85,19 +85,14 @@ class GradientMask:
         self._arm()
 
     def _arm(self) -> None:
-        self._armed = []
-        for layer in self.layers.values():
+        def pool(layer):
             k = layer.sparse_values[self.run.adapter].numel()
-            probe = SquaredGradientPool(max(k, round(self.pool * k)))
-            layer.sparse_probe[self.run.adapter] = probe
-            self._armed.append(probe)
-            self._armed.append(probe)
+            return SquaredGradientPool(max(k, round(self.pool * k)))
+
+        self._armed = attach_probes(self.layers, self.run.adapter, pool)
 
     def retire(self) -> None:
-        # only the pools this run armed: a scheduler that takes over has armed its own already
-        for layer in self.layers.values():
-            if any(layer.sparse_probe.get(self.run.adapter) is probe for probe in self._armed):
-                layer.sparse_probe.pop(self.run.adapter)
+        detach_probes(self.layers, self.run.adapter, self._armed)
 
     def before_optimizer_step(self, t: int) -> dict:
         if self._warn_unknown_length:
@@ -163,3 +158,4 @@ class GradientMask:
                 probe.candidates = state[f"pool.{name}.candidates"].to(device)
                 probe.sums = state[f"pool.{name}.sums"].to(device)
             layer.sparse_probe[self.run.adapter] = probe
+            self._armed.append(probe)

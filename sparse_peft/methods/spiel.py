@@ -21,7 +21,10 @@ import torch
 
 from .._util import unwrap_optimizer
 from ..optim import SparseSM3, sm3_accumulate
-from ..regrowth import GradientProbe, drop_fraction, gather_candidates, regrow, remap_optimizer_state, top_positions
+from ..regrowth import (
+    GradientProbe, attach_probes, detach_probes, drop_fraction, gather_candidates, regrow, remap_optimizer_state,
+    top_positions,
+)
 from ._base import Method, Run
 
 
@@ -113,17 +116,12 @@ class Regrowth:
         """Start gradient statistics if the update after `done` opens an accumulation window."""
         if self.knobs.regrowth != "gradient" or not self._is_reselection(done + self.knobs.accumulation_steps):
             return
-        self._armed = []
-        for layer in self.layers.values():
-            probe = GradientProbe(layer.sparse_values[self.run.adapter].numel())
-            layer.sparse_probe[self.run.adapter] = probe
-            self._armed.append(probe)
+        self._armed = attach_probes(
+            self.layers, self.run.adapter, lambda layer: GradientProbe(layer.sparse_values[self.run.adapter].numel())
+        )
 
     def retire(self) -> None:
-        # only the probes this run armed: a scheduler that takes over may have armed its own already
-        for layer in self.layers.values():
-            if any(layer.sparse_probe.get(self.run.adapter) is probe for probe in self._armed):
-                layer.sparse_probe.pop(self.run.adapter)
+        detach_probes(self.layers, self.run.adapter, self._armed)
 
     def after_optimizer_step(self, t: int) -> dict:
         stats = {}
@@ -234,3 +232,4 @@ class Regrowth:
                     probe.candidates = state[f"probe.{name}.candidates"].to(device)
                     probe.sums = state[f"probe.{name}.sums"].to(device)
                 layer.sparse_probe[self.run.adapter] = probe
+                self._armed.append(probe)
