@@ -139,6 +139,47 @@ def ggpo_rows(rounds: int) -> list[list[str]]:
     return rows
 
 
+class _InGemmColumns(torch.autograd.Function):
+    """PaCA's column update inside the base GEMM, kept separable: y = x·(W + B scattered into cols)ᵀ on a scratch
+    copy of W, one GEMM; backward dx = dy·W' and dB = dyᵀ·x[:, cols] (the in-place form without the in-place write)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, block, cols):
+        scratch = weight.detach().clone().index_add_(1, cols, block.detach())
+        ctx.save_for_backward(x[:, cols], scratch, cols)
+        return F.linear(x, scratch)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_cols, scratch, cols = ctx.saved_tensors
+        return dy @ scratch, None, dy.t() @ x_cols, None
+
+
+PACA_HEAD = ["layer", "lora", "beside", "in GEMM", "beside / lora", "in GEMM / lora"]
+
+
+def paca_rows(rounds: int) -> list[list[str]]:
+    """PaCA's separable forms per layer (forward + backward, 1,024 tokens, r = 8 columns) against PEFT LoRA r = 8."""
+    rows = []
+    for out_f, in_f in [(688, 256), (2752, 1024), (2048, 2048)]:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randn(out_f, in_f, generator=g) * 0.02
+        cols = torch.randperm(in_f, generator=g)[:8].sort().values
+        block = (torch.randn(out_f, 8, generator=g) * 0.01).requires_grad_()
+        a = torch.randn(8, in_f, generator=g).requires_grad_()
+        b = torch.randn(out_f, 8, generator=g).requires_grad_()
+        x = torch.randn(1024, in_f, generator=g, requires_grad=True)
+        dy = torch.randn(1024, out_f, generator=g)
+        ms = timed({
+            "lora": lambda: (F.linear(x, w) + F.linear(F.linear(x, a), b)).backward(dy),
+            "beside": lambda: (F.linear(x, w) + ops.column_linear(x, block, cols)).backward(dy),
+            "in_gemm": lambda: _InGemmColumns.apply(x, w, block, cols).backward(dy),
+        }, rounds)
+        rows.append([f"{out_f} × {in_f}", f"{ms['lora']:.2f}", f"{ms['beside']:.2f}", f"{ms['in_gemm']:.2f}",
+                     f"{ms['beside'] / ms['lora']:.2f}", f"{ms['in_gemm'] / ms['lora']:.2f}"])
+    return rows
+
+
 def gather_rows(rounds: int) -> list[list[str]]:
     rows = []
     for out_f, in_f, density in [(2048, 2048, 0.01), (2752, 1024, 0.03), (688, 256, 0.04)]:
@@ -195,12 +236,15 @@ def main() -> None:
     p.add_argument("--crossover-rounds", type=int, default=7,
                    help="interleaved calls per function in the crossover table (its calls are the slow ones)")
     p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
-    p.add_argument("--only", choices=["crossover"], help="print one table only, write nothing")
+    p.add_argument("--only", choices=["crossover", "paca"], help="print one table only, write nothing")
     p.add_argument("--out", default="docs/kernels.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.only == "crossover":
         print(crossover_text(args.crossover_rounds))
+        return
+    if args.only == "paca":
+        print(table(PACA_HEAD, paca_rows(args.rounds)))
         return
     text = f"""# Layer-level timings
 
@@ -218,6 +262,14 @@ crossover table). Whole-model figures are in [benchmarks.md](benchmarks.md).
 before the fold); *folded*: one GEMM on W0 + ε + s·B·A. The noise is drawn twice per call either way.
 
 {table(["layer", "lora", "beside", "folded", "folded / lora"], ggpo_rows(args.rounds))}
+
+## PaCA: its column update beside the base GEMM or inside it (ms, forward + backward, 1,024 tokens)
+
+*lora*: PEFT LoRA's pattern, r = 8; *beside*: the frozen GEMM plus x[:, cols]·Bᵀ (`ops.column_linear`,
+what `method="paca"` runs), r = 8 columns; *in GEMM*: one GEMM on a scratch W + B scattered into the
+columns (the paper's in-place form, kept separable by a copy of W each call).
+
+{table(PACA_HEAD, paca_rows(args.rounds))}
 
 ## One token, no gradient: gather against the scratch weight (ms)
 

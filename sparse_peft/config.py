@@ -387,6 +387,16 @@ class SparseConfig(PeftConfig):
             return getattr(knobs, name)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name, value):
+        # ... and are set like fields: into the knobs and method_config, never as a stray attribute that
+        # nothing reads
+        knobs = self.__dict__.get("knobs")
+        if knobs is not None and name not in _FIELDS and name in {f.name for f in dataclasses.fields(knobs)}:
+            setattr(knobs, name, value)
+            self.method_config[name] = value
+            return
+        super().__setattr__(name, value)
+
     def _refuse_conflicts(self) -> None:
         """Two fields the user set that answer the same question: one would silently win."""
         budgets = [name for name in ("density", "equivalent_rank", "num_trainable") if getattr(self, name) is not None]
@@ -533,6 +543,7 @@ class SparseConfig(PeftConfig):
         return units * group
 
 
+_FIELDS = {f.name for f in dataclasses.fields(SparseConfig)}
 _NO_METHOD = Method()  # method=None: the general fields alone, no knobs, no per-step work
 _dataclass_init = SparseConfig.__init__
 

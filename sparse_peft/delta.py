@@ -163,35 +163,29 @@ class Delta:
         return None if part.is_empty else part
 
     @torch.no_grad()
-    def add_dense_grad(self, dense_grad: torch.Tensor) -> None:
-        """Add the gradient of a function of the dense (out × in) ΔW to the trainable tensors it is made of
-        (their `.grad`), sparse parts only; frozen slots get none. For penalties applied between backward
-        and the optimizer step, so that no autograd graph runs through them."""
+    def dense_grad_parts(self, dense_grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradient of a function of the dense (out × in) ΔW with respect to each sparse part, by the
+        part's name (VALUES, ROW_BLOCK, COL_BLOCK); frozen slots get none. For penalties applied between
+        backward and the optimizer step, so that no autograd graph runs through them."""
         g = dense_grad * self.sparse_scale
+        parts = {}
         if self.values is not None and self.values.numel():
             rows, cols = self.rows_cols()
             part = g[rows, cols]
             if self.frozen_slots is not None and self.frozen_slots.numel():
                 part[self.frozen_slots.long()] = 0
-            _accumulate_grad(self.values, part)
+            parts[VALUES] = part
         if self.row_block is not None:
-            _accumulate_grad(self.row_block, g[self.row_index.long()])
+            parts[ROW_BLOCK] = g[self.row_index.long()]
         if self.col_block is not None:
-            _accumulate_grad(self.col_block, g[:, self.col_index.long()])
+            parts[COL_BLOCK] = g[:, self.col_index.long()]
+        return parts
 
     def num_sparse(self) -> int:
         return sum(t.numel() for t in (self.values, self.row_block, self.col_block) if t is not None)
 
     def num_trainable(self) -> int:
         return self.num_sparse() + sum(t.numel() for t in (self.lora_A, self.lora_B) if t is not None)
-
-
-def _accumulate_grad(param: torch.Tensor, grad: torch.Tensor) -> None:
-    grad = grad.to(param.dtype)
-    if param.grad is None:
-        param.grad = grad.clone()
-    else:
-        param.grad.add_(grad)
 
 
 def _add(a: Optional[torch.Tensor], b: torch.Tensor) -> torch.Tensor:

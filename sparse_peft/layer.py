@@ -13,6 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import ops
 from ._util import unwrap_optimizer
+from .full import full, is_sharded, write_
 from .config import SparseConfig
 from .delta import (
     COL_BLOCK,
@@ -123,7 +124,7 @@ class SparseLayer(BaseTunerLayer):
     def _base_weight_2d(self) -> torch.Tensor:
         base = self.get_base_layer()
         if self.quantization_backend is None:
-            return self._as_2d(base.weight)
+            return self._as_2d(full(base.weight) if is_sharded(base.weight) else base.weight)
         try:
             return self._as_2d(dequantized_weight(self.quantization_backend, base))
         except (TypeError, NotImplementedError) as err:
@@ -256,12 +257,16 @@ class SparseLayer(BaseTunerLayer):
                 b.copy_(torch.rand(b.shape, generator=g) * 2 / math.sqrt(b.shape[1]) - 1 / math.sqrt(b.shape[1]))
 
     # -- reading an adapter ----------------------------------------------------------------------
-    def get_delta(self, adapter_name: str) -> Optional[Delta]:
-        """The update of one adapter on this layer as a `Delta`, or None if it has none here."""
+    def get_delta(self, adapter_name: str, whole: bool = False) -> Optional[Delta]:
+        """The update of one adapter on this layer as a `Delta`, or None if it has none here.
+
+        `whole`: with full, detached copies of the trainable tensors (gathered under FSDP2), for work
+        between optimizer steps; writes then go through full.py, not through this Delta."""
 
         def get(key):
             store = getattr(self, key)
-            return store[adapter_name] if adapter_name in store else None
+            tensor = store[adapter_name] if adapter_name in store else None
+            return full(tensor) if whole else tensor
 
         delta = Delta(
             *self.delta_shape,
@@ -309,14 +314,15 @@ class SparseLayer(BaseTunerLayer):
             frozen[self.sparse_frozen_slots[adapter_name].long()] = True
         slots = frozen.nonzero().squeeze(1)
         # stored unscaled: effective_values applies the scale after the frozen ones are put in
-        self.sparse_frozen_values[adapter_name] = self.get_delta(adapter_name).effective_values(scaled=False)[slots].clone()
+        delta = self.get_delta(adapter_name, whole=True)
+        self.sparse_frozen_values[adapter_name] = delta.effective_values(scaled=False)[slots].clone()
         self.sparse_frozen_slots[adapter_name] = slots.to(indices.dtype)
-        values[slots] = 0
         optimizer = unwrap_optimizer(optimizer)
         state = optimizer.state.get(values) if optimizer is not None else None
-        for tensor in (state or {}).values():
-            if torch.is_tensor(tensor) and tensor.shape == values.shape:
-                tensor[slots] = 0
+        for tensor in [values, *(t for t in (state or {}).values() if torch.is_tensor(t) and t.shape == values.shape)]:
+            whole = full(tensor).clone()  # sharded under FSDP2: the whole tensor, then this rank's shard of it
+            whole[slots] = 0
+            write_(tensor, whole)
         return slots.numel()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

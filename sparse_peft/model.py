@@ -17,6 +17,7 @@ from . import architectures, files, schedule
 from ._peft import PREFIX
 from .config import SparseConfig
 from .delta import INDICES, index_dtype
+from .full import full
 from .layer import Conv2d, Linear, SparseLayer
 from .methods import METHODS
 from .selection import CALIBRATION_RULES, module_seed, select_global
@@ -188,6 +189,13 @@ class SparseModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         schedule.forget(self, adapter_name)
+
+    def __setstate__(self, state) -> None:
+        # a copy (copy.deepcopy, pickle) is a new model: its scheduled adapters get schedulers of their own,
+        # starting from step 0, or a copy trained in a plain loop would run without its method's steps
+        super().__setstate__(state)
+        for name in list(self.peft_config):
+            schedule.attach_automatic(self, name)
 
     # -- mixed-adapter batches -------------------------------------------------------------------
     @contextmanager
@@ -436,6 +444,9 @@ class SparseModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        # whole tensors: under FSDP2 every rank gathers its shards here (so every rank must call save_pretrained,
+        # with is_main_process=False on all but one), and the file holds the full adapter
+        state_dict = {k: full(v) for k, v in state_dict.items()}
         regenerated = getattr(config, "store_indices", True) is False
         if regenerated:
             # SLTrain: the support is regenerated from the seed at load time, so the file holds values only

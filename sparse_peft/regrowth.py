@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from . import ops
 from ._util import unwrap_optimizer
+from .full import full, write_
 
 
 def drop_fraction(step: int, total: int, initial_rate: float, policy: str) -> float:
@@ -152,11 +153,12 @@ def remap_optimizer_state(optimizer, param: torch.Tensor, source: torch.Tensor) 
     keep = source >= 0
     for key, value in state.items():
         if torch.is_tensor(value) and value.shape == param.shape:
-            moved = torch.zeros_like(value)
-            moved[keep] = value[source[keep]]
+            whole = full(value)  # the whole state under FSDP2, where it is sharded like the parameter
+            moved = torch.zeros_like(whole)
+            moved[keep] = whole[source[keep]]
             if "exp_avg_sq" in key and bool(keep.any()):
-                moved[~keep] = value[source[keep]].mean()
-            value.copy_(moved)
+                moved[~keep] = whole[source[keep]].mean()
+            write_(value, moved)
 
 
 class SquaredGradientPool:

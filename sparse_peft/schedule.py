@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from ._util import find_peft_model, unwrap_optimizer
+from .full import check_engine
 from .methods import METHODS, Method, Run
 
 
@@ -81,6 +82,8 @@ class SparseScheduler:
         # the run the method's work sees; its optimizer is set when the first step binds it
         self.run = Run(self.adapter, self.config, adapter_layers, total_steps if not self.missing_total else None,
                        optimizer)
+        if method.has_steps(self.config):
+            check_engine(model)
         self.hooks = method.steps(self.run) if method.has_steps(self.config) else []  # may refuse: before anything changes
         _register(model, self)  # replaces (retires) the adapter's previous scheduler
         # a trainable tensor of this adapter: an optimizer that holds it trains the adapter

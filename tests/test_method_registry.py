@@ -172,3 +172,34 @@ def test_every_method_merges_exactly_switches_adapters_and_disables(method):
         merged = model.merge_and_unload()
         torch.testing.assert_close(merged(x).logits, first, rtol=1e-4, atol=1e-4)
     assert not any(isinstance(m, sparse_peft.SparseLayer) for m in merged.modules())
+
+
+def test_another_package_registers_a_method_with_knobs():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class StrideKnobs:
+        stride: int = field(default=2, metadata={"help": "every stride-th column"})
+
+    class EveryOther(sparse_peft.Method):
+        title, paper = "every other column", "https://example.org"
+        defaults = dict(structure="columns", selection="random", r=0)
+        Knobs = StrideKnobs
+
+        def budget(self, config, structure, out_features, in_features):
+            return in_features // config.knobs.stride
+
+    sparse_peft.register_method(EveryOther, name="every_other")
+    try:
+        config = SparseConfig(method="every_other", stride=4)
+        assert config.method_config == {"stride": 4}
+        model = get_peft_model(tiny_llama(), SparseConfig(method="every_other", stride=4, target_modules=["q_proj"]))
+        layer = model.base_model.model.model.layers[0].self_attn.q_proj
+        assert layer.sparse_col_block["default"].shape == (32, 8)
+        with pytest.raises(ValueError, match="registered already"):
+            sparse_peft.register_method(type("Other", (sparse_peft.Method,), {"__module__": "elsewhere"}), name="every_other")
+    finally:
+        METHODS.pop("every_other")
+        registry.KNOBS["stride"].remove("every_other")
+        if not registry.KNOBS["stride"]:
+            del registry.KNOBS["stride"]

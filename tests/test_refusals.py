@@ -56,6 +56,13 @@ def test_config_that_cannot_be_honoured_is_refused(kwargs, message):
         SparseConfig(**kwargs)
 
 
+def test_a_knob_set_after_construction_reaches_the_method():
+    config = SparseConfig(method="spiel")
+    config.reselection_steps = 7  # as a field would be set: into the knobs, saved with them
+    assert config.knobs.reselection_steps == 7 and config.method_config["reselection_steps"] == 7
+    assert "reselection_steps" not in config.__dict__
+
+
 def test_a_method_preset_still_takes_the_users_budget():
     # the preset's density is not the user's: equivalent_rank replaces it without a conflict
     config = SparseConfig(method="spiel", equivalent_rank=8)

@@ -131,6 +131,20 @@ def test_calling_the_scheduler_by_hand_as_well_runs_each_step_once():
     assert [s is not None and "sparse/churn" in s for s in stats] == [True, False, False, True, False]
 
 
+def test_a_copy_of_a_model_runs_its_own_schedule():
+    import copy
+
+    model = get_peft_model(tiny_llama().train(), SparseConfig(method="lora_ggpo", target_modules="all-linear"))
+    twin = copy.deepcopy(model)
+    opt = _optimizer(twin)
+    layer = next(iter(_layers(twin).values()))
+    seed = layer.sparse_noise["default"][1]
+    x = _batches(1)[0]
+    twin(x, labels=x).loss.backward()
+    opt.step()
+    assert layer.sparse_noise["default"][1] != seed  # the copy's steps refresh its own noise
+
+
 def test_an_adapter_loaded_for_inference_has_no_schedule():
     model = get_peft_model(tiny_llama(), SparseConfig(method="lora_ggpo", target_modules="all-linear"))
     assert all("default" in m.sparse_noise for m in _layers(model).values())

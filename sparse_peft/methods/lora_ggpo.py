@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 
+from ..full import full
 from ..perturbation import ggpo_row_std, row_sq_norms
 from ._base import Method, Run
 
@@ -83,9 +84,10 @@ class Perturbation:
         adapter, mean_std = self.run.adapter, 0.0
         for name, layer in self.layers.items():
             a, b = layer.sparse_lora_A[adapter], layer.sparse_lora_B[adapter]
+            grads = (full(a.grad), full(b.grad)) if with_grads else (None, None)
             std = ggpo_row_std(
-                self.w0_row_sq[name].to(a.device), a, b, a.grad if with_grads else None, b.grad if with_grads else None,
-                layer.sparse_scaling[adapter], self.sigma, self.beta,
+                self.w0_row_sq[name].to(a.device), full(a), full(b), *grads, layer.sparse_scaling[adapter], self.sigma,
+                self.beta,
             )
             # a fresh noise seed per step and layer; fixed within the step, so gradient checkpointing's
             # recomputed forward and the backward redraw exactly the same noise

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..full import write_
 from ..regrowth import SquaredGradientPool, attach_probes, detach_probes, gather_candidates, remap_optimizer_state
 from ._base import Method, Run
 
@@ -127,7 +128,7 @@ class GradientMask:
                 rest = indices.long()[~torch.isin(indices.long(), chosen)][: k - chosen.numel()]
                 chosen = torch.cat([chosen, rest]).sort().values
             indices.copy_(chosen.to(indices.dtype))
-            values.zero_()
+            write_(values, torch.zeros(k, dtype=values.dtype, device=indices.device))
             remap_optimizer_state(self.run.optimizer, values, torch.full_like(indices, -1, dtype=torch.long))
             found += 1
         self.chosen = True

@@ -26,6 +26,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..full import add_grad_
 from ..selection import below_threshold
 from ._base import Method, Run
 
@@ -147,7 +148,7 @@ class NuclearNorm:
         self.layers = {n: m for n, m in run.layers.items() if self._part(m) is not None}
 
     def _part(self, layer):
-        delta = layer.get_delta(self.run.adapter)
+        delta = layer.get_delta(self.run.adapter, whole=True)
         return None if delta is None else delta.sparse_part()
 
     @torch.no_grad()
@@ -163,7 +164,9 @@ class NuclearNorm:
             delta = self._part(self.layers[name])
             norm, subgradient = nuclear_subgradient(delta.dense(torch.float32), self.rank)
             total += norm
-            delta.add_dense_grad(self.weight * subgradient)
+            layer = self.layers[name]
+            for part, grad in delta.dense_grad_parts(self.weight * subgradient).items():
+                add_grad_(getattr(layer, part)[self.run.adapter], grad)
         return {"sparse/nuclear_norm": total}
 
 
@@ -202,7 +205,7 @@ def freeze_above_threshold(layer, adapter: str, threshold: Optional[float], opti
     values = layer.sparse_values[adapter]
     if values.numel() == 0:
         return 0, 0
-    delta = layer.get_delta(adapter)
+    delta = layer.get_delta(adapter, whole=True)
     rows, cols = delta.rows_cols()
     w0 = layer._base_weight_2d()[rows.to(values.device), cols.to(values.device)].float()
     limit = threshold if threshold is not None else float(w0.abs().max())

@@ -20,6 +20,7 @@ from typing import Literal
 import torch
 
 from .._util import unwrap_optimizer
+from ..full import full, write_
 from ..optim import SparseSM3, sm3_accumulate
 from ..regrowth import (
     GradientProbe, attach_probes, detach_probes, drop_fraction, gather_candidates, regrow, remap_optimizer_state,
@@ -147,17 +148,17 @@ class Regrowth:
                     self.momentum[name] = accumulators
             return
         for name, layer in self.layers.items():
-            values = layer.sparse_values[adapter]
-            if values.grad is None:
+            grad = full(layer.sparse_values[adapter].grad)
+            if grad is None:
                 continue
             out_features, in_features = layer.delta_shape
             if name not in self.momentum:
                 self.momentum[name] = (
-                    torch.zeros(out_features, device=values.device),
-                    torch.zeros(in_features, device=values.device),
+                    torch.zeros(out_features, device=grad.device),
+                    torch.zeros(in_features, device=grad.device),
                 )
             row_acc, col_acc = self.momentum[name]
-            sm3_accumulate(row_acc, col_acc, layer.sparse_indices[adapter], in_features, values.grad)
+            sm3_accumulate(row_acc, col_acc, layer.sparse_indices[adapter], in_features, grad)
 
     @torch.no_grad()
     def _reselect(self, t: int) -> dict:
@@ -168,7 +169,8 @@ class Regrowth:
             fraction = drop_fraction(t, self.run.total, knobs.initial_reselection_rate, knobs.reselection_rate_policy)
         total_k = total_numel = dropped = regrown = 0
         for name, layer in self.layers.items():
-            values, indices = layer.sparse_values[adapter], layer.sparse_indices[adapter]
+            param, indices = layer.sparse_values[adapter], layer.sparse_indices[adapter]
+            values = full(param)  # the whole tensor, also where FSDP2 shards it
             k = values.numel()
             out_features, in_features = layer.delta_shape
             total_k, total_numel = total_k + k, total_numel + out_features * in_features
@@ -193,9 +195,9 @@ class Regrowth:
             keep = result.source >= 0
             moved = torch.zeros_like(values)
             moved[keep] = values[result.source[keep]]
-            values.copy_(moved)
+            write_(param, moved)
             indices.copy_(result.indices.to(indices.dtype))
-            remap_optimizer_state(self.run.optimizer, values, result.source)
+            remap_optimizer_state(self.run.optimizer, param, result.source)
             dropped += n_drop
             regrown += result.dropped  # as many new positions as old ones left
         return {

@@ -1,0 +1,124 @@
+"""The scheduled methods under FSDP2 (torch's fully_shard, two gloo CPU ranks) end with the adapter DDP ends with.
+
+Each rank trains the same model on its own data, once wrapped in DDP and once sharded by fully_shard;
+SpIEL's regrowth, SaRA's penalty and progressive freeze, GGPO's noise and RoSA's mask read and write
+whole tensors through full.py. Equal within 1e-6, indices exactly.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+SETUPS = {
+    "spiel": dict(method="spiel", density=0.05, reselection_steps=3, accumulation_steps=2),
+    "spiel-momentum": dict(method="spiel", density=0.05, reselection_steps=3, accumulation_steps=2, regrowth="momentum"),
+    "sara": dict(method="sara", density=0.05, nuclear_norm_weight=0.05, nuclear_norm_layers=14, progressive_step=3),
+    "lora_ggpo": dict(method="lora_ggpo", perturbation_sigma=0.3, perturbation_beta=1.0),
+    "rosa": dict(method="rosa", warmup_steps=3),
+}
+STEPS = 6
+
+
+def _train(engine: str, fields: dict, rank: int, save_to: str = "") -> dict:
+    from peft import get_peft_model
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from sparse_peft import SparseConfig, SparseLayer, SparseScheduler
+    from sparse_peft.full import full
+    from tests.conftest import tiny_llama
+
+    torch.manual_seed(0)  # the same model and start support on every rank
+    model = get_peft_model(tiny_llama().train(), SparseConfig(target_modules="all-linear", **fields))
+    if engine == "fsdp2":
+        for block in model.base_model.model.model.layers:
+            fully_shard(block)
+        wrapped = fully_shard(model)
+    else:
+        wrapped = DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    SparseScheduler(wrapped, optimizer, total_steps=STEPS + 2)
+    torch.manual_seed(100 + rank)  # different data on each rank
+    for _ in range(STEPS):
+        ids = torch.randint(0, 128, (2, 10))
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    if save_to:  # every rank gathers its shards; one writes
+        model.save_pretrained(save_to, is_main_process=rank == 0)
+    state = {k: full(v).clone() for k, v in model.state_dict().items() if "sparse_" in k}
+    for key, layer in model.named_modules():
+        if isinstance(layer, SparseLayer) and "default" in layer.sparse_noise:
+            state[f"{key}.noise_std"] = layer.sparse_noise["default"][0].clone()
+    return state
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import sparse_peft  # noqa: F401
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    for name, fields in SETUPS.items():
+        for engine in ("ddp", "fsdp2"):
+            save_to = os.path.join(out_dir, f"{name}-adapter") if engine == "fsdp2" else ""
+            state = _train(engine, fields, rank, save_to)
+            torch.save(state, os.path.join(out_dir, f"{name}-{engine}-rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    folder = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    runs = {(name, engine, r): torch.load(folder / f"{name}-{engine}-rank{r}.pt", weights_only=True)
+            for name in SETUPS for engine in ("ddp", "fsdp2") for r in range(2)}
+    runs["folder"] = folder
+    return runs
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_fsdp2_ends_with_the_adapter_ddp_ends_with(runs, name):
+    ddp, fsdp = runs[(name, "ddp", 0)], runs[(name, "fsdp2", 0)]
+    assert ddp.keys() == fsdp.keys()
+    for key in ddp:
+        if "indices" in key or "slots" in key:
+            assert torch.equal(ddp[key], fsdp[key]), key
+        else:
+            torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-6, msg=key)
+    for key in fsdp:  # and both FSDP2 ranks hold the same whole adapter
+        assert torch.equal(fsdp[key], runs[(name, "fsdp2", 1)][key]), key
+
+
+def test_flat_parameter_engines_are_refused_with_the_way_out():
+    from peft import get_peft_model
+
+    from sparse_peft import SparseConfig, SparseScheduler
+
+    from ..conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama().train(), SparseConfig(method="lora_ggpo", target_modules="all-linear"))
+    next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
+    with pytest.raises(ValueError, match="ZeRO-3's partitioned parameters do not support yet: use FSDP2"):
+        SparseScheduler(model, None)
+
+
+@pytest.mark.parametrize("name", sorted(SETUPS))
+def test_an_adapter_saved_under_fsdp2_is_whole_and_loads_into_one_process(runs, name):
+    from peft import PeftModel
+
+    from ..conftest import tiny_llama
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), runs["folder"] / f"{name}-adapter")
+    state = {k: v for k, v in loaded.state_dict().items() if "sparse_" in k}
+    trained = runs[(name, "fsdp2", 0)]
+    assert state.keys() == {k for k in trained if not k.endswith("noise_std")}
+    for key, value in state.items():
+        assert torch.equal(value, trained[key].to(value.dtype)), key
