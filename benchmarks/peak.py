@@ -38,7 +38,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-# benchmarks/kernels.py would shadow the `kernels` package that transformers imports: keep this folder off the path.
+# benchmarks/layer_timings.py would shadow the `kernels` package that transformers imports: keep this folder off the path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import torch  # noqa: E402

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-# benchmarks/kernels.py would shadow the `kernels` package that transformers imports: keep this folder off the path.
+# benchmarks/layer_timings.py would shadow the `kernels` package that transformers imports: keep this folder off the path.
 sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
 
 import peft

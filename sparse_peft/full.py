@@ -60,12 +60,12 @@ def add_grad_(param: torch.Tensor, grad: torch.Tensor) -> None:
 
 def check_engine(model) -> None:
     """Refuse, with the way out, engines whose parameters the per-step work cannot read outside forward."""
-    for module in model.modules():
-        if type(module).__name__ == "FullyShardedDataParallel":
-            raise ValueError(
-                "this adapter's method has work between optimizer steps, which FSDP1's flat parameters do not "
-                "support: use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: fsdp_version: 2)"
-            )
+    flattened = any(getattr(param, "_fsdp_flattened", False) for param in model.parameters())  # FSDP1 marks them
+    if flattened or any(type(module).__name__ == "FullyShardedDataParallel" for module in model.modules()):
+        raise ValueError(
+            "this adapter's method has work between optimizer steps, which FSDP1's flat parameters do not "
+            "support: use FSDP2 (torch.distributed.fsdp.fully_shard; accelerate: fsdp_version: 2)"
+        )
     if any(hasattr(param, "ds_id") for param in model.parameters()):
         raise ValueError(
             "this adapter's method has work between optimizer steps, which DeepSpeed ZeRO-3's partitioned "

@@ -64,7 +64,7 @@ from torch.autograd import Function
 # scratch W + Δ (`_merged`), which is a whole out×in copy (see the module docstring).
 _BLOCK_ELEMENTS = 1 << 22
 # Below this fraction of non-zeros, sparse kernels beat dense GEMMs on row blocks; above it the
-# GEMMs win although they do more FLOPs. `python benchmarks/kernels.py` (docs/kernels.md, CPU, one
+# GEMMs win although they do more FLOPs. `python benchmarks/layer_timings.py` (docs/kernels.md, CPU, one
 # thread, torch 2.13) times both over densities on 1024² to 4096² layers: forward + backward break
 # even at 0.24-0.40 % (two runs); at 1 % the row blocks are 2.2-3.4x faster, at 4 % 7-12x; at 0.1 %
 # the sparse kernels are 2.2-4.3x faster. Unmeasured on GPUs, where the crossover may lie elsewhere.
@@ -72,7 +72,7 @@ SPARSE_KERNEL_BELOW_DENSITY = 0.003
 # With few tokens (decoding, small eval batches) each support entry is touched a few times: a gather
 # of x's columns and a scatter-add into y's rows, O(tokens · k), beats anything that forms out×in
 # (a dense block, a scratch W + Δ) while tokens · k ≤ GATHER_BELOW · out · in. CPU, torch 2.13, one
-# token: 2.6x faster on a 2048² layer at 1%, 0.8x on a 688 × 256 one at 4% (benchmarks/kernels.py).
+# token: 2.6x faster on a 2048² layer at 1%, 0.8x on a 688 × 256 one at 4% (benchmarks/layer_timings.py).
 GATHER_BELOW = 1 / 16
 
 
@@ -164,7 +164,7 @@ def _times_delta(a, values, indices, shape, transpose: bool, mode: str) -> torch
     if mode == "gather":
         rows, cols = split_flat(indices, in_features)
         src, dst = (rows, cols) if transpose else (cols, rows)
-        # int64 indices: with repeated int32 ones index_add_ is ~25x slower on CPU (benchmarks/kernels.py)
+        # int64 indices: with repeated int32 ones index_add_ is ~25x slower on CPU (benchmarks/layer_timings.py)
         result = a.new_zeros((a.shape[0], in_features if transpose else out_features))
         return result.index_add_(1, dst, a.index_select(1, src) * values)
     if mode == "sparse":

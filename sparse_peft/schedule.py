@@ -231,6 +231,8 @@ def _schedulers_of(optimizer, bind: bool) -> list:
             if bound is optimizer:
                 found.append(scheduler)
             elif bind and (bound is None or not isinstance(bound, torch.optim.Optimizer)) and _trains(optimizer, scheduler._witness):
+                # made with the adapter, before any wrapping: the engine that now holds the model is checked here
+                check_engine(next(iter(scheduler.layers.values())))
                 scheduler.optimizer = optimizer  # its state now follows the indices too
                 found.append(scheduler)
     return found

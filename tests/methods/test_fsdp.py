@@ -122,3 +122,17 @@ def test_an_adapter_saved_under_fsdp2_is_whole_and_loads_into_one_process(runs, 
     assert state.keys() == {k for k in trained if not k.endswith("noise_std")}
     for key, value in state.items():
         assert torch.equal(value, trained[key].to(value.dtype)), key
+
+
+def test_fsdp1_is_refused_naming_fsdp2():
+    # FSDP1 needs an accelerator (it refuses to start on CPU); what it leaves on the parameters is enough here
+    from peft import get_peft_model
+
+    from sparse_peft import SparseConfig, SparseScheduler
+
+    from ..conftest import tiny_llama
+
+    model = get_peft_model(tiny_llama().train(), SparseConfig(method="sara", target_modules="all-linear"))
+    next(model.parameters())._fsdp_flattened = True  # FSDP1's mark on the parameters it flattened
+    with pytest.raises(ValueError, match="FSDP1's flat parameters do not support: use FSDP2"):
+        SparseScheduler(model, None, total_steps=4)
