@@ -12,6 +12,7 @@ runs a step twice. What the work is belongs to the method (`Method.steps`); this
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Optional
 
@@ -20,6 +21,11 @@ import torch
 from ._util import find_peft_model, unwrap_optimizer
 from .full import check_engine
 from .methods import METHODS, Method, Run
+
+
+# training forwards without the per-step work running before the watch says so (gradient accumulation
+# runs several forwards per step; far fewer than this)
+UNSTEPPED_FORWARDS = 512
 
 
 def method_of(config) -> Method:
@@ -89,6 +95,11 @@ class SparseScheduler:
         # a trainable tensor of this adapter: an optimizer that holds it trains the adapter
         self._witness = next((m.get_delta(self.adapter).reference for m in adapter_layers.values()
                               if m.get_delta(self.adapter) is not None), None)
+        # a watch for training that never reaches the schedule (an optimizer that is no torch.optim.Optimizer over
+        # these tensors, e.g. a DeepSpeed engine in a plain loop, and nobody calling step()): say so, once
+        self._forwards_since_step, self._watch = 0, None
+        if self.hooks and adapter_layers:
+            self._watch = next(iter(adapter_layers.values())).register_forward_pre_hook(self._count_forward)
 
     @property
     def optimizer(self):
@@ -131,9 +142,24 @@ class SparseScheduler:
                 "every optimizer.step()), or train with the HF / TRL Trainer, which does this for you."
             )
 
+    def _count_forward(self, module, args) -> None:
+        if not (module.training and torch.is_grad_enabled()) or self._retired:
+            return
+        self._forwards_since_step += 1
+        if self._forwards_since_step == UNSTEPPED_FORWARDS:
+            warnings.warn(
+                f"adapter {self.adapter!r}: {UNSTEPPED_FORWARDS} training forwards and its method's per-step work has "
+                "not run once since the last: the optimizer is not a torch.optim.Optimizer over the adapter's tensors "
+                "(e.g. a DeepSpeed engine), so its step hooks cannot run it. Call scheduler.before_optimizer_step() "
+                "before and scheduler.step() after each optimizer step, or train with the HF / TRL Trainer.",
+                stacklevel=2,
+            )
+
     def _retire(self) -> None:
         """Another scheduler took over this adapter: stop, and leave it nothing of ours (probes)."""
         self._retired = True
+        if self._watch is not None:
+            self._watch.remove()
         for hook in self.hooks:
             if hasattr(hook, "retire"):
                 hook.retire()
@@ -168,6 +194,7 @@ class SparseScheduler:
             return None
         self._refuse_without_total()
         self.step_count += 1
+        self._forwards_since_step = 0
         self.last_stats = dict(before or {})  # the whole last step's statistics, before and after the update
         stats = {}
         for hook in self.hooks:

@@ -145,6 +145,21 @@ def test_a_copy_of_a_model_runs_its_own_schedule():
     assert layer.sparse_noise["default"][1] != seed  # the copy's steps refresh its own noise
 
 
+def test_training_that_never_reaches_the_schedule_is_reported(monkeypatch):
+    import sparse_peft.schedule as schedule
+
+    monkeypatch.setattr(schedule, "UNSTEPPED_FORWARDS", 3)
+    model = get_peft_model(tiny_llama().train(), SparseConfig(method="lora_ggpo", target_modules="all-linear"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.warns(UserWarning, match="3 training forwards and its method's per-step work has not run"):
+        for x in _batches(3):  # an update no torch optimizer makes: its step hooks never fire
+            model(x, labels=x).loss.backward()
+            with torch.no_grad():
+                for p in params:
+                    p -= 0.01 * p.grad
+                    p.grad = None
+
+
 def test_an_adapter_loaded_for_inference_has_no_schedule():
     model = get_peft_model(tiny_llama(), SparseConfig(method="lora_ggpo", target_modules="all-linear"))
     assert all("default" in m.sparse_noise for m in _layers(model).values())
