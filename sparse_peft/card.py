@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .layer import SparseLayer
+from .layer import adapter_layers
 from .methods import METHODS
 from .version import __version__
 
@@ -20,7 +20,7 @@ def model_card_section(peft_model) -> str:
             continue
         method = METHODS.get(config.method)
         title = f"{method.title} ([paper]({method.paper}))" if method else "custom (general fields only)"
-        layers = [m for m in peft_model.modules() if isinstance(m, SparseLayer) and name in m._all_available_adapter_names()]
+        layers = list(adapter_layers(peft_model, name).values())
         trainable = sum(d.num_trainable() for d in (m.get_delta(name) for m in layers) if d is not None)
         budget = f"density {config.density:g}" if config.equivalent_rank is None else f"LoRA-rank parity r={config.equivalent_rank}"
         lines += [

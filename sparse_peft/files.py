@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .delta import FROZEN_NAMES, FROZEN_SLOTS, FROZEN_VALUES, INDEX_NAMES, INDICES, PARAMETER_NAMES, VALUES, check_stored
-from .layer import SparseLayer
+from .layer import SparseLayer, adapter_layers
 
 
 KNOWN = set(PARAMETER_NAMES) | set(INDEX_NAMES) | set(FROZEN_NAMES)
@@ -41,9 +41,7 @@ def add_layer_records(model: nn.Module, adapter_name: str, state_dict: dict, reg
     """The file's per-layer records (`WEIGHT_SHAPE`, and `SUPPORT_CRC` where the indices are not stored),
     keyed like the layer's other tensors (`<layer>.<record>.<adapter>`) so PEFT strips the adapter name."""
     out = dict(state_dict)
-    for name, layer in model.named_modules():
-        if not isinstance(layer, SparseLayer) or adapter_name not in layer._all_available_adapter_names():
-            continue
+    for name, layer in adapter_layers(model, adapter_name).items():
         name = name.replace("_fsdp_wrapped_module.", "")
         out[f"{name}.{WEIGHT_SHAPE}.{adapter_name}"] = torch.tensor(layer.weight_shape, dtype=torch.int64)
         if regenerated and adapter_name in layer.sparse_indices:
@@ -156,11 +154,7 @@ def check_and_fit(
 
     Raises ValueError naming the first problem; the model is not modified in that case.
     """
-    layers = {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, SparseLayer) and adapter_name in m._all_available_adapter_names()
-    }
+    layers = adapter_layers(model, adapter_name)
     per_layer, unexpected = _split(state_dict, set(layers), prefix)
     where = "the adapter was saved for another base model, with other target_modules, or the file is corrupt"
     if unexpected:

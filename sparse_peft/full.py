@@ -36,22 +36,28 @@ def full(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return tensor.detach()
 
 
+def _sharded_like(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The full `value` laid out as `like` is: its dtype, and under FSDP2 this rank's shard of it (every rank
+    holds the same full value, so nothing is communicated)."""
+    value = value.to(like.dtype)
+    if is_sharded(like):
+        return distribute_tensor(value, like.device_mesh, like.placements, src_data_rank=None)
+    return value
+
+
 @torch.no_grad()
 def write_(tensor: torch.Tensor, value: torch.Tensor) -> None:
     """tensor[...] = value, where value is the full tensor; under FSDP2 this rank keeps its shard of it."""
     if is_sharded(tensor):
-        shard = distribute_tensor(value.to(tensor.dtype), tensor.device_mesh, tensor.placements, src_data_rank=None)
-        tensor.to_local().copy_(shard.to_local())
+        tensor.to_local().copy_(_sharded_like(value, tensor).to_local())
     else:
-        tensor.copy_(value.to(tensor.dtype))
+        tensor.copy_(_sharded_like(value, tensor))
 
 
 @torch.no_grad()
 def add_grad_(param: torch.Tensor, grad: torch.Tensor) -> None:
     """param.grad += grad (the full gradient), creating the gradient where there is none."""
-    grad = grad.to(param.dtype)
-    if is_sharded(param):
-        grad = distribute_tensor(grad, param.device_mesh, param.placements, src_data_rank=None)
+    grad = _sharded_like(grad, param)
     if param.grad is None:
         param.grad = grad.clone()
     else:

@@ -468,6 +468,12 @@ class SparseLayer(BaseTunerLayer):
         return True
 
 
+def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, "SparseLayer"]:
+    """{module name: sparse layer} of every layer of `model` that holds `adapter_name`."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, SparseLayer) and adapter_name in m._all_available_adapter_names()}
+
+
 class _Module(nn.Module, SparseLayer):
     # nn.Module comes first in the bases (PEFT's convention), so its placeholder `forward` and its
     # `__repr__` would shadow SparseLayer's: define them here.

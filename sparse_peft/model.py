@@ -18,7 +18,7 @@ from ._peft import PREFIX
 from .config import SparseConfig
 from .delta import INDICES, index_dtype
 from .full import full
-from .layer import Conv2d, Linear, SparseLayer
+from .layer import Conv2d, Linear, SparseLayer, adapter_layers
 from .methods import METHODS
 from .selection import CALIBRATION_RULES, module_seed, select_global
 
@@ -165,8 +165,7 @@ class SparseModel(BaseTuner):
         """What can only be checked once every target has its layer: names that matched nothing, a total
         budget that whole units could not honour."""
         config = self.peft_config[adapter_name]
-        keys = [k for k, m in self.model.named_modules()
-                if isinstance(m, SparseLayer) and adapter_name in m._all_available_adapter_names()]
+        keys = list(adapter_layers(self.model, adapter_name))
         for suffix in config.module_density or {}:
             if not any(k == suffix or k.endswith("." + suffix) for k in keys):
                 names = sorted({k.rsplit(".", 1)[-1] for k in keys})
@@ -338,13 +337,12 @@ class SparseModel(BaseTuner):
         layers as {name: (layer, partner name, row role)}."""
         config = self.peft_config[adapter_name]
         chosen, coupled = {}, {}
-        for key, module in self.model.named_modules():
-            if isinstance(module, SparseLayer) and adapter_name in module._all_available_adapter_names():
-                partner = self._row_partner(config, key)
-                if partner is None:
-                    chosen[key] = module
-                else:
-                    coupled[key] = (module, *partner)
+        for key, module in adapter_layers(self.model, adapter_name).items():
+            partner = self._row_partner(config, key)
+            if partner is None:
+                chosen[key] = module
+            else:
+                coupled[key] = (module, *partner)
         return chosen, coupled
 
     def _choose_globally(self, adapter_name, config, layers: dict, calibration: Optional[dict]) -> None:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from . import architectures
-from .layer import SparseLayer
+from .layer import adapter_layers
 
 
 @dataclass
@@ -65,7 +65,7 @@ def prune(
     if score not in ("merged", "delta"):
         raise ValueError(f"score={score!r}: use 'merged' (|W + ΔW|) or 'delta' (|ΔW|)")
     adapter = adapter_name or model.active_adapter
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, SparseLayer) and adapter in m._all_available_adapter_names()}
+    layers = adapter_layers(model, adapter)
     if not layers:
         raise ValueError(f"the model has no layers with adapter {adapter!r} to prune")
     if sparsity is not None and not 0 < sparsity < 1:

@@ -20,7 +20,7 @@ import torch
 
 from ._util import find_peft_model, unwrap_optimizer
 from .full import check_engine
-from .methods import METHODS, Method, Run
+from .methods import Run
 
 
 # training forwards without the per-step work running before the watch says so (gradient accumulation
@@ -28,13 +28,9 @@ from .methods import METHODS, Method, Run
 UNSTEPPED_FORWARDS = 512
 
 
-def method_of(config) -> Method:
-    return METHODS.get(getattr(config, "method", None)) or Method()
-
-
 def has_schedule(config) -> bool:
     """Whether an adapter's config asks for work between optimizer steps."""
-    return getattr(config, "peft_type", None) == "SPARSE" and method_of(config).has_steps(config)
+    return getattr(config, "peft_type", None) == "SPARSE" and config.method_impl.has_steps(config)
 
 
 class SparseScheduler:
@@ -73,7 +69,7 @@ class SparseScheduler:
         self.optimizer = optimizer
         self.total = total_steps
         self.step_count = 0
-        method = method_of(self.config)
+        method = self.config.method_impl
         # what of the schedule needs the run's length when none is given: an error, now or at the first step
         need = method.run_length_needed(self.config) if not (total_steps and total_steps > 0) else ""
         self.missing_total = f"{need} (got total_steps={total_steps}): pass total_steps=N" if need else ""
