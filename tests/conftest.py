@@ -130,3 +130,15 @@ def method_config(method: str, **kwargs):
     if "warmup_steps" in {f.name for f in knob_fields(METHODS[method])} and "warmup_steps" not in kwargs:
         kwargs["warmup_steps"] = 1
     return SparseConfig(method=method, **kwargs)
+
+
+def close_process_group() -> None:
+    """End a spawned rank's process group after freeing every DDP / FSDP object that holds it: one destroyed
+    after destroy_process_group hung a gloo rank at exit (about 1 run in 20), leaving its test waiting forever."""
+    import gc
+
+    import torch.distributed as dist
+
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -34,7 +34,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import sparse_peft  # noqa: F401
     from sparse_peft import SparseConfig, SparseLayer, SparseScheduler
 
-    from tests.conftest import tiny_llama
+    from tests.conftest import close_process_group, tiny_llama
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -58,7 +58,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             if isinstance(layer, SparseLayer) and "default" in layer.sparse_noise:
                 state[f"{key}.noise_std"] = layer.sparse_noise["default"][0].clone()
         torch.save(state, os.path.join(out_dir, f"{name}-rank{rank}.pt"))
-    dist.destroy_process_group()
+        del ddp, model, optimizer, scheduler
+    close_process_group()
 
 
 @pytest.fixture(scope="module")

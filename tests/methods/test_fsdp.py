@@ -61,6 +61,7 @@ def _train(engine: str, fields: dict, rank: int, save_to: str = "") -> dict:
 
 def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     import sparse_peft  # noqa: F401
+    from tests.conftest import close_process_group
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -69,7 +70,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             save_to = os.path.join(out_dir, f"{name}-adapter") if engine == "fsdp2" else ""
             state = _train(engine, fields, rank, save_to)
             torch.save(state, os.path.join(out_dir, f"{name}-{engine}-rank{rank}.pt"))
-    dist.destroy_process_group()
+    close_process_group()
 
 
 @pytest.fixture(scope="module")
