@@ -6,9 +6,10 @@ Importing sparse_peft adds `SparseCallback` to every Trainer's default callbacks
     trainer = SFTTrainer(..., peft_config=SparseConfig(method="spiel"))   # regrowth runs
 
 At `on_train_begin` (the optimizer exists then) it makes the adapter's `SparseScheduler` with the
-run's length; the optimizer's step hooks run it (schedule.py), and where the optimizer is not a
-`torch.optim.Optimizer` over the adapter's tensors (DeepSpeed), the trainer's own pre- and
-post-optimizer-step events do. It saves the schedule's state with every checkpoint, restores it on
+run's length; the optimizer's step hooks run it (schedule.py), or the trainer's own pre- and
+post-optimizer-step events where those come first. Under DeepSpeed, which steps inside the
+backward call, the scheduler runs inside the ZeRO optimizer's step instead (and a ZeRO-3 run
+that would save an empty adapter is refused at the start). It saves the schedule's state with every checkpoint, restores it on
 resume, and adds its statistics (`sparse/density`, `sparse/churn`, `sparse/nuclear_norm`,
 `sparse/perturbation_std`, ...) to the next log, so that W&B, TensorBoard and
 `trainer.state.log_history` show them. It does nothing for a model without a scheduled sparse adapter.
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
 from ._util import find_peft_model
+from .full import check_engine
 from .schedule import SparseScheduler, has_schedule
 
 
@@ -47,7 +49,10 @@ class SparseCallback(TrainerCallback):
         return callback
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        peft_model, _ = find_peft_model(model)
+        peft_model, layers = find_peft_model(model)
+        if layers:
+            _check_zero3_saving()
+            check_engine(peft_model)
         config = getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None))
         if not has_schedule(config):
             self.scheduler = None  # nothing between steps: a LoRA, a static sparse adapter, no adapter at all
@@ -89,6 +94,24 @@ class SparseCallback(TrainerCallback):
             if state.log_history:
                 state.log_history[-1].update(self._pending)
             self._pending = {}
+
+
+def _check_zero3_saving() -> None:
+    """Under ZeRO-3 the Trainer saves only what DeepSpeed gathers for it: without the gathering switch it would
+    hand save_pretrained nothing, after the whole run. Refuse at the start instead."""
+    try:
+        from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+    except ImportError:
+        return
+    if not is_deepspeed_zero3_enabled():
+        return
+    zero = (deepspeed_config() or {}).get("zero_optimization", {})
+    if not zero.get("stage3_gather_16bit_weights_on_model_save"):
+        raise ValueError(
+            "DeepSpeed ZeRO-3 without stage3_gather_16bit_weights_on_model_save: the Trainer would save an empty sparse "
+            "adapter at the end of the run. Set zero_optimization.stage3_gather_16bit_weights_on_model_save: true in the "
+            "DeepSpeed config (accelerate config: zero3_save_16bit_model: true)"
+        )
 
 
 def install_default_callback() -> None:

@@ -13,7 +13,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import ops
 from ._util import unwrap_optimizer
-from .full import full, is_sharded, write_
+from .full import full, is_deepspeed, is_sharded, read_state, state_keys, write_, write_state_
 from .config import SparseConfig
 from .delta import (
     COL_BLOCK,
@@ -124,7 +124,8 @@ class SparseLayer(BaseTunerLayer):
     def _base_weight_2d(self) -> torch.Tensor:
         base = self.get_base_layer()
         if self.quantization_backend is None:
-            return self._as_2d(full(base.weight) if is_sharded(base.weight) else base.weight)
+            sharded = is_sharded(base.weight) or is_deepspeed(base.weight)
+            return self._as_2d(full(base.weight) if sharded else base.weight)
         try:
             return self._as_2d(dequantized_weight(self.quantization_backend, base))
         except (TypeError, NotImplementedError) as err:
@@ -318,11 +319,13 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_frozen_values[adapter_name] = delta.effective_values(scaled=False)[slots].clone()
         self.sparse_frozen_slots[adapter_name] = slots.to(indices.dtype)
         optimizer = unwrap_optimizer(optimizer)
-        state = optimizer.state.get(values) if optimizer is not None else None
-        for tensor in [values, *(t for t in (state or {}).values() if torch.is_tensor(t) and t.shape == values.shape)]:
-            whole = full(tensor).clone()  # sharded under FSDP2: the whole tensor, then this rank's shard of it
+        whole = full(values).clone()  # sharded or partitioned: the whole tensor, then this rank's part of it
+        whole[slots] = 0
+        write_(values, whole)
+        for key in state_keys(optimizer, values):
+            whole = read_state(optimizer, values, key).clone()
             whole[slots] = 0
-            write_(tensor, whole)
+            write_state_(optimizer, values, key, whole)
         return slots.numel()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:

@@ -17,7 +17,7 @@ from . import architectures, files, schedule
 from ._peft import PREFIX
 from .config import SparseConfig
 from .delta import INDICES, index_dtype
-from .full import full
+from .full import full, gathered
 from .layer import Conv2d, Linear, SparseLayer, adapter_layers
 from .methods import METHODS
 from .selection import CALIBRATION_RULES, module_seed, select_global
@@ -442,9 +442,20 @@ class SparseModel(BaseTuner):
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         state_dict = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        # whole tensors: under FSDP2 every rank gathers its shards here (so every rank must call save_pretrained,
-        # with is_main_process=False on all but one), and the file holds the full adapter
-        state_dict = {k: full(v) for k, v in state_dict.items()}
+        if not state_dict and adapter_layers(model, adapter_name):
+            raise ValueError(
+                f"adapter {adapter_name!r}: the state_dict given to save holds none of its tensors, so the file would "
+                "be empty. Under DeepSpeed ZeRO-3 the Trainer passes an empty one unless the DeepSpeed config sets "
+                "zero_optimization.stage3_gather_16bit_weights_on_model_save: true (accelerate: zero3_save_16bit_model)"
+            )
+        # whole tensors: under FSDP2 every rank gathers its shards here, under ZeRO-3 every rank gathers the
+        # partitioned ones (so every rank must call save_pretrained, with is_main_process=False on all but one).
+        # Whether to gather is decided from the model, the same on every rank, never from the tensors given:
+        # the Trainer hands rank 0 DeepSpeed's gathered copies and the others empty ones
+        params = dict(model.named_parameters())
+        partitioned = [k for k in state_dict if hasattr(params.get(k), "ds_id")]
+        with gathered([params[k] for k in partitioned]):
+            state_dict = {k: params[k].detach().clone() if k in partitioned else full(v) for k, v in state_dict.items()}
         regenerated = getattr(config, "store_indices", True) is False
         if regenerated:
             # SLTrain: the support is regenerated from the seed at load time, so the file holds values only

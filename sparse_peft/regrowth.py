@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from . import ops
 from ._util import unwrap_optimizer
-from .full import full, write_
+from .full import read_state, state_keys, write_state_
 
 
 def drop_fraction(step: int, total: int, initial_rate: float, policy: str) -> float:
@@ -147,18 +147,14 @@ def remap_optimizer_state(optimizer, param: torch.Tensor, source: torch.Tensor) 
     ~3x the usual size (lr·(1-β1)/sqrt(1-β2)), with a typical one they are of typical size.
     """
     optimizer = unwrap_optimizer(optimizer)
-    state = optimizer.state.get(param) if optimizer is not None else None
-    if not state:
-        return
     keep = source >= 0
-    for key, value in state.items():
-        if torch.is_tensor(value) and value.shape == param.shape:
-            whole = full(value)  # the whole state under FSDP2, where it is sharded like the parameter
-            moved = torch.zeros_like(whole)
-            moved[keep] = whole[source[keep]]
-            if "exp_avg_sq" in key and bool(keep.any()):
-                moved[~keep] = whole[source[keep]].mean()
-            write_(value, moved)
+    for key in state_keys(optimizer, param):
+        whole = read_state(optimizer, param, key)  # whole, however the engine shards or partitions it
+        moved = torch.zeros_like(whole)
+        moved[keep] = whole[source[keep]]
+        if "exp_avg_sq" in key and bool(keep.any()):
+            moved[~keep] = whole[source[keep]].mean()
+        write_state_(optimizer, param, key, moved)
 
 
 class SquaredGradientPool:

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from ._util import find_peft_model, unwrap_optimizer
-from .full import check_engine
+from .full import check_engine, deepspeed_optimizer, is_deepspeed
 from .methods import Run
 
 
@@ -53,9 +53,14 @@ class SparseScheduler:
             optimizer.step()                       # runs before_optimizer_step() and step() around itself
             optimizer.zero_grad()
 
+    Under DeepSpeed, pass the engine (or its optimizer) as the optimizer: the work then runs inside every
+    `engine.step()` that updates (after gradient accumulation), before DeepSpeed's own clipping:
+
+        engine, *_ = deepspeed.initialize(model=model, config=ds_config, ...)
+        SparseScheduler(engine, engine, total_steps=N)
+
     `before_optimizer_step()` (after backward and clipping) and `step()` (after the update) may still be
-    called by hand, e.g. where the optimizer is not a `torch.optim.Optimizer` over the adapter's own
-    tensors (DeepSpeed): each optimizer step's work runs once either way. Both return statistics for
+    called by hand: each optimizer step's work runs once either way. Both return statistics for
     logging (a dict) when there are any, else None; `last_stats` holds the whole last step's.
     """
 
@@ -96,6 +101,8 @@ class SparseScheduler:
         self._forwards_since_step, self._watch = 0, None
         if self.hooks and adapter_layers:
             self._watch = next(iter(adapter_layers.values())).register_forward_pre_hook(self._count_forward)
+        if self.hooks and deepspeed_optimizer(optimizer) is not None:
+            _drive_deepspeed(deepspeed_optimizer(optimizer), self)
 
     @property
     def optimizer(self):
@@ -121,6 +128,16 @@ class SparseScheduler:
         a call by hand before `optimizer.step()` runs it there instead, once."""
         if self._retired:
             return None
+        if self._after_unreported:
+            # by hand after an update that ran its work by itself (DeepSpeed steps inside the Trainer's backward):
+            # that step's statistics; the next step's work runs at its own step
+            return self._before_stats
+        return self._before_update()
+
+    def _before_update(self) -> Optional[dict]:
+        if self._retired:
+            return None
+        self._after_unreported = False  # a new optimizer step has begun
         self._refuse_without_total()
         if not self._before_done:
             stats = {}
@@ -142,6 +159,13 @@ class SparseScheduler:
         if not (module.training and torch.is_grad_enabled()) or self._retired:
             return
         self._forwards_since_step += 1
+        if self._forwards_since_step == 1 and is_deepspeed(self._witness) and deepspeed_optimizer(self.optimizer) is None:
+            raise RuntimeError(
+                f"adapter {self.adapter!r} trains under DeepSpeed, whose engine steps no torch optimizer over the "
+                "adapter's tensors, so its method's per-step work would never run: before training, create "
+                "`sparse_peft.SparseScheduler(model, engine, total_steps=N)` with the engine deepspeed.initialize "
+                "returned (it then runs inside every engine.step()), or train with the HF / TRL Trainer."
+            )
         if self._forwards_since_step == UNSTEPPED_FORWARDS:
             warnings.warn(
                 f"adapter {self.adapter!r}: {UNSTEPPED_FORWARDS} training forwards and its method's per-step work has "
@@ -264,7 +288,7 @@ def _schedulers_of(optimizer, bind: bool) -> list:
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
     if _SCHEDULES:
         for scheduler in _schedulers_of(optimizer, bind=True):
-            scheduler.before_optimizer_step()
+            scheduler._before_update()
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
@@ -272,6 +296,29 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
         for scheduler in _schedulers_of(optimizer, bind=False):
             if not scheduler._retired:
                 scheduler._after_stats, scheduler._after_unreported = scheduler._after_update(), True
+
+
+def _drive_deepspeed(zero, scheduler: SparseScheduler) -> None:
+    """Run the schedules bound to a DeepSpeed ZeRO optimizer around its step (engine.step() calls it once per
+    optimizer step, after gradient accumulation; its own torch optimizer steps flat partitions, which no
+    adapter tensor is). The work before the update sees the reduced gradients before DeepSpeed clips them."""
+    if scheduler._witness is not None and scheduler._witness.dtype == torch.float16:
+        raise ValueError(
+            f"adapter {scheduler.adapter!r}: DeepSpeed's fp16 loss scaling skips optimizer steps on overflow after "
+            "the per-step work has seen the step's (overflowed) gradients; train in bf16 (\"bf16\": {\"enabled\": true})"
+        )
+    if getattr(zero, "_sparse_peft_step", None) is not None:
+        return
+    original = zero.step
+
+    def step(*args, **kwargs):
+        _before_optimizer_step(zero, args, kwargs)
+        result = original(*args, **kwargs)
+        _after_optimizer_step(zero, args, kwargs)
+        return result
+
+    zero._sparse_peft_step = original
+    zero.step = step
 
 
 def install_optimizer_hooks() -> None:

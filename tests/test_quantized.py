@@ -169,3 +169,21 @@ def test_merge_reads_a_4bit_weight_that_bitsandbytes_packed_for_its_cpu_kernel(s
         a, b = (_read(layers[n].get_base_layer()) for layers in (plain, packed))
         # packing rounds the block scales to bfloat16; a wrongly read weight is off by about the weight itself
         assert (a - b).abs().mean() < 0.02 * deltas[n], n
+
+
+def test_a_quantized_base_sharded_by_fsdp2_or_zero3_is_refused_at_the_start(saved_base):
+    # untested under sharding, so unsupported: the Trainer's callback and any scheduler refuse it before training.
+    # `ds_id` is what ZeRO-3 leaves on the parameters it partitions (no DeepSpeed needed to mark one)
+    from transformers import TrainerControl, TrainerState
+
+    from sparse_peft import SparseScheduler
+    from sparse_peft.callbacks import SparseCallback
+
+    path, _ = saved_base
+    model = get_peft_model(_load(path, 4), SparseConfig(method="sara", target_modules="all-linear"))
+    SparseCallback().on_train_begin(None, TrainerState(max_steps=4), TrainerControl(), model=model)  # unsharded: fine
+    next(p for p in model.parameters() if not p.requires_grad).ds_id = 0
+    with pytest.raises(ValueError, match="QLoRA-style.*not supported.*train it under DDP"):
+        SparseCallback().on_train_begin(None, TrainerState(max_steps=4), TrainerControl(), model=model)
+    with pytest.raises(ValueError, match="QLoRA-style"):
+        SparseScheduler(model, None, total_steps=4)

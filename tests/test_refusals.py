@@ -161,3 +161,25 @@ def test_conv2d_columns_are_refused_and_rows_are_exact():
         reference[0].weight += delta
     x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(model(x), reference(x))
+
+
+def test_training_under_deepspeed_with_no_scheduler_bound_fails_at_the_first_forward_naming_the_fix():
+    # DeepSpeed's engine steps no torch optimizer over the adapter's tensors: the schedule would never run.
+    # `_hp_mapping` is what ZeRO (stages 1-2) leaves on the parameters its optimizer holds; no DeepSpeed needed
+    model = get_peft_model(tiny_llama().train(), SparseConfig(method="lora_ggpo", target_modules="all-linear"))
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            param._hp_mapping = None
+    ids = torch.randint(0, 128, (1, 6))
+    with pytest.raises(RuntimeError, match=r"trains under DeepSpeed.*SparseScheduler\(model, engine, total_steps=N\)"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():
+        model.eval()(input_ids=ids)  # inference is not training: no schedule needed
+
+
+def test_saving_from_a_state_dict_without_the_adapters_tensors_is_refused(tmp_path):
+    # what the Trainer hands save_pretrained under ZeRO-3 without stage3_gather_16bit_weights_on_model_save
+    model = get_peft_model(tiny_llama(), SparseConfig(method="dsee", target_modules="all-linear"))
+    with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save: true"):
+        model.save_pretrained(tmp_path, state_dict={})
+    assert not (tmp_path / "adapter_model.safetensors").exists()

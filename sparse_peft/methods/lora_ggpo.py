@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from ..full import full
+from ..full import full, full_grad
 from ..perturbation import ggpo_row_std, row_sq_norms
 from ._base import Method, Run
 
@@ -84,7 +84,7 @@ class Perturbation:
         adapter, mean_std = self.run.adapter, 0.0
         for name, layer in self.layers.items():
             a, b = layer.sparse_lora_A[adapter], layer.sparse_lora_B[adapter]
-            grads = (full(a.grad), full(b.grad)) if with_grads else (None, None)
+            grads = (full_grad(a), full_grad(b)) if with_grads else (None, None)
             std = ggpo_row_std(
                 self.w0_row_sq[name].to(a.device), full(a), full(b), *grads, layer.sparse_scaling[adapter], self.sigma,
                 self.beta,

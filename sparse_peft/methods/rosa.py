@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..full import write_
+from ..full import drop_grad, is_deepspeed, write_
 from ..regrowth import SquaredGradientPool, attach_probes, detach_probes, gather_candidates, remap_optimizer_state
 from ._base import Method, Run
 
@@ -87,7 +87,7 @@ class GradientMask:
 
     def _arm(self) -> None:
         def pool(layer):
-            k = layer.sparse_values[self.run.adapter].numel()
+            k = layer.sparse_indices[self.run.adapter].numel()
             return SquaredGradientPool(max(k, round(self.pool * k)))
 
         self._armed = attach_probes(self.layers, self.run.adapter, pool)
@@ -106,7 +106,7 @@ class GradientMask:
             )
         if t <= self.warmup:
             for layer in self.layers.values():  # the placeholder support does not train
-                layer.sparse_values[self.run.adapter].grad = None
+                drop_grad(layer.sparse_values[self.run.adapter])
         return {}
 
     @torch.no_grad()
@@ -117,7 +117,7 @@ class GradientMask:
         for layer in self.layers.values():
             values, indices = layer.sparse_values[adapter], layer.sparse_indices[adapter]
             probe = layer.sparse_probe.pop(adapter, None)
-            k = values.numel()
+            k = indices.numel()  # not the values: ZeRO-3 leaves them empty outside forward
             total_k += k
             if probe is None or probe.candidates is None:
                 continue  # no backward reached this layer in the warm-up: its placeholder stays (counted below)
@@ -132,6 +132,12 @@ class GradientMask:
             remap_optimizer_state(self.run.optimizer, values, torch.full_like(indices, -1, dtype=torch.long))
             found += 1
         self.chosen = True
+        if any(is_deepspeed(layer.sparse_values[adapter]) for layer in self.layers.values()):
+            warnings.warn(
+                "RoSA under DeepSpeed: the sparse part starts training now, but DeepSpeed's optimizer steps all of a "
+                f"parameter group together, so its Adam bias correction counts from step 1, not from step {t + 1} as "
+                "with a torch optimizer: its first updates are smaller (about 0.6x after a 3-step warm-up, fading "
+                "within ~1/(1-beta2) steps). The mask itself is the same.", stacklevel=2)
         if found < len(self.layers):
             warnings.warn(f"RoSA: {len(self.layers) - found} of {len(self.layers)} layers saw no gradient in the "
                           "warm-up and keep their placeholder support", stacklevel=2)

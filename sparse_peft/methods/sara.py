@@ -203,11 +203,12 @@ def freeze_above_threshold(layer, adapter: str, threshold: Optional[float], opti
     implied: the largest |w| the selection took. Returns (entries still training, all entries).
     """
     values = layer.sparse_values[adapter]
-    if values.numel() == 0:
+    k = layer.sparse_indices[adapter].numel()  # not the values: ZeRO-3 leaves them empty outside forward
+    if k == 0:
         return 0, 0
     delta = layer.get_delta(adapter, whole=True)
     rows, cols = delta.rows_cols()
     w0 = layer._base_weight_2d()[rows.to(values.device), cols.to(values.device)].float()
     limit = threshold if threshold is not None else float(w0.abs().max())
     frozen = (w0 + delta.effective_values().float()).abs() >= limit
-    return values.numel() - layer.freeze_slots(adapter, frozen, optimizer), values.numel()
+    return k - layer.freeze_slots(adapter, frozen, optimizer), k

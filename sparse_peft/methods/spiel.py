@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from .._util import unwrap_optimizer
-from ..full import full, write_
+from ..full import full, full_grad, write_
 from ..optim import SparseSM3, sm3_accumulate
 from ..regrowth import (
     GradientProbe, attach_probes, detach_probes, drop_fraction, gather_candidates, regrow, remap_optimizer_state,
@@ -118,20 +118,29 @@ class Regrowth:
         if self.knobs.regrowth != "gradient" or not self._is_reselection(done + self.knobs.accumulation_steps):
             return
         self._armed = attach_probes(
-            self.layers, self.run.adapter, lambda layer: GradientProbe(layer.sparse_values[self.run.adapter].numel())
+            self.layers, self.run.adapter, lambda layer: GradientProbe(layer.sparse_indices[self.run.adapter].numel())
         )
 
     def retire(self) -> None:
         detach_probes(self.layers, self.run.adapter, self._armed)
 
+    def before_optimizer_step(self, t: int) -> dict:
+        # the gradients, while every engine still holds them (DeepSpeed frees its partitions in the step)
+        if self.knobs.regrowth == "momentum" and not self._optimizer_keeps_momentum():
+            self._accumulate_momentum()
+        return {}
+
     def after_optimizer_step(self, t: int) -> dict:
         stats = {}
-        if self.knobs.regrowth == "momentum":
-            self._accumulate_momentum()
+        if self.knobs.regrowth == "momentum" and self._optimizer_keeps_momentum():
+            self._accumulate_momentum()  # the optimizer's accumulators, with this step's update in them
         if self._is_reselection(t):
             stats = self._reselect(t)
         self._arm_probes(t)
         return stats
+
+    def _optimizer_keeps_momentum(self) -> bool:
+        return isinstance(unwrap_optimizer(self.run.optimizer), SparseSM3)
 
     @torch.no_grad()
     def _accumulate_momentum(self) -> None:
@@ -148,7 +157,7 @@ class Regrowth:
                     self.momentum[name] = accumulators
             return
         for name, layer in self.layers.items():
-            grad = full(layer.sparse_values[adapter].grad)
+            grad = full_grad(layer.sparse_values[adapter])
             if grad is None:
                 continue
             out_features, in_features = layer.delta_shape

@@ -98,19 +98,6 @@ def test_fsdp2_ends_with_the_adapter_ddp_ends_with(runs, name):
         assert torch.equal(fsdp[key], runs[(name, "fsdp2", 1)][key]), key
 
 
-def test_flat_parameter_engines_are_refused_with_the_way_out():
-    from peft import get_peft_model
-
-    from sparse_peft import SparseConfig, SparseScheduler
-
-    from ..conftest import tiny_llama
-
-    model = get_peft_model(tiny_llama().train(), SparseConfig(method="lora_ggpo", target_modules="all-linear"))
-    next(model.parameters()).ds_id = 0  # what DeepSpeed ZeRO-3 marks its partitioned parameters with
-    with pytest.raises(ValueError, match="ZeRO-3's partitioned parameters do not support yet: use FSDP2"):
-        SparseScheduler(model, None)
-
-
 @pytest.mark.parametrize("name", sorted(SETUPS))
 def test_an_adapter_saved_under_fsdp2_is_whole_and_loads_into_one_process(runs, name):
     from peft import PeftModel
