@@ -1,4 +1,4 @@
-"""The scheduled methods under DeepSpeed ZeRO-2 and ZeRO-3 (two gloo CPU ranks) end with the adapter DDP ends with.
+"""Every method under DeepSpeed ZeRO-2 and ZeRO-3 (two gloo CPU ranks) ends with the adapter DDP ends with.
 
 Needs `pip install --no-build-isolation deepspeed` (the `deepspeed` extra) and runs with DS_ACCELERATOR=cpu;
 skipped without it. Each rank trains the same model on its own data, once wrapped in DDP (tests/methods/
@@ -28,6 +28,11 @@ SETUPS = {
     "sara": dict(method="sara", density=0.05, nuclear_norm_weight=0.05, nuclear_norm_layers=14, progressive_step=3),
     "lora_ggpo": dict(method="lora_ggpo", perturbation_sigma=0.3, perturbation_beta=1.0),
     "rosa": dict(method="rosa", warmup_steps=3),
+    # no per-step work: the forward and backward under partitioned parameters, and the saved file
+    "dsee": dict(method="dsee", r=2, density=0.05),
+    "s2ft": dict(method="s2ft"),
+    "sltrain": dict(method="sltrain", r=2, density=0.05),
+    "paca": dict(method="paca", num_columns=2),
 }
 # DeepSpeed steps a whole parameter group at once, so RoSA's sparse part cannot start its Adam bias
 # correction at the mask's step as a torch optimizer does (it warns): the same mask, other values
@@ -113,13 +118,16 @@ def runs(tmp_path_factory):
 def test_deepspeed_ends_with_the_adapter_ddp_ends_with(runs, name, stage):
     ddp, zero = runs[(name, "ddp", 0)], runs[(name, f"zero{stage}", 0)]
     assert ddp.keys() == zero.keys()
+    # ZeRO-3 hooks every module, so its layers take the general path (base GEMM + the update's product), not the
+    # fused one-GEMM path DDP takes: another float order, which Adam's normalisation magnifies on tiny gradients
+    atol = 1e-6 if stage == 2 else 1e-5
     for key in ddp:
         if name in SAME_MASK_ONLY and "indices" not in key:
             continue
         if "indices" in key or "slots" in key:
             assert torch.equal(ddp[key], zero[key]), key
         else:
-            torch.testing.assert_close(zero[key], ddp[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
+            torch.testing.assert_close(zero[key], ddp[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
     for key in zero:  # and both ranks hold the same whole adapter
         assert torch.equal(zero[key], runs[(name, f"zero{stage}", 1)][key]), key
 
