@@ -148,6 +148,11 @@ def save_and_reload(args, trainer, before: float):
         print(f"adapter pushed to https://huggingface.co/{trainer.hub_model_id}")
     else:
         trainer.save_model(args.output_dir)
+    if trainer.is_deepspeed_enabled:
+        # training is over: load the check's base whole, not partitioned by ZeRO-3 as the trainer's was
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
     reloaded = PeftModel.from_pretrained(load_base(args.model_path), args.output_dir).to(trainer.model.device)
     after = eval_loss(reloaded, trainer)
     print(f"{args.method}: eval loss {before:.3f} before -> {after:.3f} after {args.max_steps} steps "

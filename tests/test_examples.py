@@ -38,12 +38,15 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def make_tiny(root: Path) -> Path:
     """A tiny Llama with the quickstart's byte tokenizer, saved as a checkpoint, and a 48-line jsonl dataset."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparse_peft.quickstart import byte_tokenizer
 
-    root = tmp_path_factory.mktemp("tiny")
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -83,3 +86,18 @@ def test_double_descent_reduced_mode_writes_its_plot(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "lora" in text and "ggpo" in text and "rise" in text
     assert (tmp_path / "double_descent.png").stat().st_size > 1000
+
+
+def test_the_distributed_configs_are_accelerate_configs_that_say_what_the_docs_say():
+    # what `accelerate launch --config_file ...` reads: FSDP2 (FSDP1 is refused for per-step work), and ZeRO-3 with
+    # the 16-bit gathering on save (without it the Trainer's save would be empty, refused at the start), bf16
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    folder = EXAMPLES / "distributed"
+    fsdp = load_config_from_file(str(folder / "fsdp2.yaml"))
+    assert fsdp.distributed_type == "FSDP" and int(fsdp.fsdp_config["fsdp_version"]) == 2
+    zero3 = load_config_from_file(str(folder / "zero3.yaml"))
+    assert zero3.distributed_type == "DEEPSPEED" and zero3.mixed_precision == "bf16"
+    assert zero3.deepspeed_config["zero_stage"] == 3 and zero3.deepspeed_config["zero3_save_16bit_model"] is True
+    ds = json.loads((folder / "zero3.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]

@@ -246,3 +246,31 @@ def test_a_zero3_trainer_that_would_save_an_empty_adapter_is_refused_at_the_star
             SparseCallback().on_train_begin(None, TrainerState(), TrainerControl(), model=model)
     finally:
         unset_hf_deepspeed_config()
+
+
+def test_accelerate_launch_with_the_zero3_config_runs_the_example_and_matches_a_plain_run(tmp_path):
+    # the documented command, as one CPU process (examples/distributed/zero3.yaml; bf16 is a GPU setting)
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from ..test_examples import EXAMPLES, make_tiny
+
+    root = make_tiny(tmp_path)
+    common = ["--model", str(root / "model"), "--dataset", str(root / "data.jsonl"), "--max_steps", "4",
+              "--batch_size", "4", "--max_length", "24", "--output_dir"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                  str(EXAMPLES / "distributed" / "zero3.yaml"), "--num_processes", "1", "--mixed_precision", "no",
+                  "--main_process_port", "29640"]
+    script = str(EXAMPLES / "spiel" / "train.py")
+    runs = {"zero3": accelerate + [script] + common + [str(tmp_path / "zero3")],
+            "plain": [sys.executable, script] + common + [str(tmp_path / "plain")]}
+    for name, command in runs.items():
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0 and "spiel: eval loss" in done.stdout, (name, done.stdout[-2000:], done.stderr[-4000:])
+    plain, zero3 = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("plain", "zero3"))
+    assert plain.keys() == zero3.keys()
+    for key in plain:
+        torch.testing.assert_close(zero3[key], plain[key], rtol=0, atol=1e-6, msg=lambda m: f"{key}: {m}")
