@@ -68,6 +68,8 @@ class Delta:
     col_span: Optional[tuple[int, int]] = None
     # called with the gradient of the unstructured part's output during backward (see ops.SparseLinear)
     probe: Optional[object] = None
+    # the support's rows and columns, made once per support by the layer (ops.Layout); None: made per call
+    layout: Optional[ops.Layout] = None
 
     @property
     def is_empty(self) -> bool:
@@ -115,13 +117,13 @@ class Delta:
         return torch.cat(positions), torch.cat([v.to(ref.dtype) for v in values])
 
     def rows_cols(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return ops.split_flat(self.indices, self.in_features)
+        return ops._rows_cols(self.indices, self.in_features, self.layout)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
         y = None
         if self.values is not None and self.values.numel():
-            y = ops.sparse_linear(x, self.effective_values(), self.indices, self.out_features, self.probe)
+            y = ops.sparse_linear(x, self.effective_values(), self.indices, self.out_features, self.probe, self.layout)
         if self.row_block is not None:
             y = _add(y, ops.row_linear(x, self._scaled(self.row_block), self.row_index, self.out_features, self.row_span))
         if self.col_block is not None:

@@ -264,9 +264,14 @@ class SparseLayer(BaseTunerLayer):
         `whole`: with full, detached copies of the trainable tensors (gathered under FSDP2), for work
         between optimizer steps; writes then go through full.py, not through this Delta."""
 
+        modules = self._modules  # every store is a submodule: read them without nn.Module's slow __getattr__
+
         def get(key):
-            store = getattr(self, key)
-            tensor = store[adapter_name] if adapter_name in store else None
+            store = modules[key]
+            # a ParameterDict keeps its entries in _parameters, a BufferDict in _buffers, both under the adapter's name.
+            # Indexing, not .get(): DeepSpeed ZeRO-3 replaces _parameters with a dict whose [] gathers on demand
+            entries = store._parameters if key in PARAMETER_NAMES else store._buffers
+            tensor = entries[adapter_name] if adapter_name in entries else None
             return full(tensor) if whole else tensor
 
         delta = Delta(
@@ -286,8 +291,22 @@ class SparseLayer(BaseTunerLayer):
             row_span=self._span(get(ROW_INDEX)),
             col_span=self._span(get(COL_INDEX)),
             probe=self.sparse_probe.get(adapter_name),
+            layout=None if whole else self._layout(adapter_name),
         )
         return None if delta.is_empty else delta
+
+    def _layout(self, adapter_name: str) -> Optional[ops.Layout]:
+        """The unstructured support's ops.Layout, kept until the support changes (a new buffer, or an in-place
+        write, which bumps its version): its rows and columns are made once per support, not per forward."""
+        indices = self.sparse_indices[adapter_name] if adapter_name in self.sparse_indices else None
+        if indices is None or torch.compiler.is_compiling():
+            return None  # under torch.compile the split is part of the graph
+        layouts = self.__dict__.setdefault("_sparse_layouts", {})
+        layout = layouts.get(adapter_name)
+        in_features = self.delta_shape[1]
+        if layout is None or not layout.fits(indices, in_features):
+            layout = layouts[adapter_name] = ops.Layout(indices, in_features)
+        return layout
 
     def _span(self, indices: Optional[torch.Tensor]) -> Optional[tuple[int, int]]:
         """Whether a row/column index buffer is one contiguous range, cached until the buffer changes
@@ -520,6 +539,9 @@ class Linear(_Module):
         base = self.get_base_layer()
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
+        if not torch.is_grad_enabled():
+            return None  # inference forms no scratch weight: the update's own product (ops.csr_times) is cheap
+
         if not (delta.values is not None and delta.values.numel()) or any(
             t is not None for t in (delta.row_block, delta.col_block)
         ):

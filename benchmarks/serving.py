@@ -1,0 +1,122 @@
+"""Serving adapters unmerged: time per new token of every method against PEFT LoRA (issue #17).
+
+    python benchmarks/serving.py                  # hidden 256 and 1024, batch 1 and a mixed batch of 8; ~5 min on 2 cores
+    python benchmarks/serving.py --quick          # hidden 1024, batch 1, fewer tokens
+
+Greedy `generate` with the KV cache: a 32-token prompt, then 96 new tokens, one token per forward.
+A Llama with grouped-query attention (8 heads, 4 KV heads), 2 layers, intermediate 2.6875 x hidden,
+random weights (only time is measured), fp32. Every method at PEFT LoRA r=8's trainable count over
+the seven projections (S²FT: LoRA's total over o_proj and down_proj), as benchmarks/run.py sets them
+up, and every trainable tensor set to random non-zero values, so that no product is skipped (an
+untrained LoRA B or sparse values would be zeros). Best of 5 rounds, the setups taking turns, each
+round one full generation; 2 threads.
+
+The mixed batch: 8 sequences, `adapter_names` cycling over three adapters of the method and
+"__base__", against PEFT LoRA's own mixed batch of three LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import os
+import sys
+import time
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import torch  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from sparse_peft import METHODS, SparseConfig  # noqa: E402
+
+
+def _load_run():
+    spec = importlib.util.spec_from_file_location("benchmarks_run", os.path.join(os.path.dirname(os.path.abspath(__file__)), "run.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks_run"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def base_model(hidden: int) -> LlamaForCausalLM:
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=4, vocab_size=256, max_position_embeddings=256)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval()
+
+
+def randomize(model) -> None:
+    """Every trainable tensor random and non-zero (nothing skipped), the supports as chosen."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.01)
+
+
+def build(name: str, base, budget, run, adapters: int = 1):
+    """The setup `name` ("PEFT LoRA" or a method) on a copy of base, with `adapters` adapters."""
+    def config():
+        if name == "PEFT LoRA":
+            return LoraConfig(r=run.R, lora_alpha=run.R, lora_dropout=0.0, target_modules=run.TARGETS)
+        return SparseConfig(method=name, **run.method_kwargs(name, budget))
+
+    model = get_peft_model(copy.deepcopy(base), config())
+    for i in range(1, adapters):
+        model.add_adapter(f"a{i}", config())
+    randomize(model)
+    return model.eval()
+
+
+def per_token(model, prompt, new_tokens: int, adapter_names=None) -> float:
+    kwargs = {} if adapter_names is None else {"adapter_names": adapter_names}
+    start = time.perf_counter()
+    model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                   pad_token_id=0, **kwargs)
+    return (time.perf_counter() - start) / new_tokens
+
+
+def table(hidden: int, batch: int, names: list[str], run, rounds: int, new_tokens: int) -> str:
+    base = base_model(hidden)
+    budget = run.target_budget(base)
+    prompt = torch.randint(0, 256, (batch, 32), generator=torch.Generator().manual_seed(2))
+    mixed = batch > 1
+    models = {"base": base} if not mixed else {}
+    names = ["PEFT LoRA", *names]
+    for name in names:
+        models[name] = build(name, base, budget, run, adapters=3 if mixed else 1)
+    adapter_names = (["default", "a1", "a2", "__base__"] * batch)[:batch] if mixed else None
+    best = {name: float("inf") for name in models}
+    with torch.no_grad():
+        for name, model in models.items():  # warm-up
+            per_token(model, prompt, 4, None if name == "base" else adapter_names)
+        for _ in range(rounds):
+            for name, model in models.items():
+                best[name] = min(best[name], per_token(model, prompt, new_tokens, None if name == "base" else adapter_names))
+    lora = best["PEFT LoRA"]
+    what = f"batch {batch}, adapter_names over 3 adapters + __base__" if mixed else "batch 1"
+    lines = [f"hidden {hidden}, intermediate {int(hidden * 2.6875)}, 2 layers; {what}; ms per new token (best of {rounds})", "",
+             "| setup | ms / token | / PEFT LoRA |", "|---|---|---|"]
+    lines += [f"| {name} | {t * 1e3:.2f} | {t / lora:.2f} |" for name, t in best.items()]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    run = _load_run()
+    rounds, new_tokens = (3, 32) if args.quick else (5, 96)
+    shapes = [(1024, 1)] if args.quick else [(256, 1), (1024, 1), (1024, 8)]
+    for hidden, batch in shapes:
+        print(table(hidden, batch, args.methods, run, rounds, new_tokens) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

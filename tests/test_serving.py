@@ -1,0 +1,118 @@
+"""Serving unmerged (issue #17): a support's index forms are made once per support, never per forward, and the
+products that use them (CSR at inference, the cached rows and columns in training) give the same outputs as a
+dense float64 reference, for every method, unmerged and in mixed batches."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model
+
+import sparse_peft  # noqa: F401
+from sparse_peft import METHODS, SparseLayer, ops
+
+from .conftest import method_config, tiny_llama
+
+
+def _randomized(model):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def _dense_reference(model, ids, adapter="default"):
+    """The same model with every layer's ΔW added into a float64 copy of its weight: no sparse product."""
+    import copy
+
+    ref = copy.deepcopy(model).double()
+    with torch.no_grad():
+        for module in ref.modules():
+            if isinstance(module, SparseLayer) and module.get_delta(adapter) is not None:
+                base = module.get_base_layer()
+                base.weight += module.get_delta_weight(adapter).to(base.weight.dtype)
+        with ref.disable_adapter():
+            return ref(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_index_forms_are_made_once_per_support_not_per_forward(method, monkeypatch):
+    model = _randomized(get_peft_model(tiny_llama(), method_config(method, target_modules="all-linear"))).eval()
+    ids = torch.randint(0, 128, (1, 6))
+    calls = []
+    real = ops.split_flat
+    monkeypatch.setattr(ops, "split_flat", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        model(input_ids=ids)
+        first = len(calls)
+        for _ in range(3):
+            model(input_ids=ids)
+            model(input_ids=ids[:, :1])  # a decoding-sized call
+    assert len(calls) == first, f"{len(calls) - first} index splits after the first forward"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_unmerged_outputs_equal_the_dense_float64_reference(method):
+    model = _randomized(get_peft_model(tiny_llama(), method_config(method, target_modules="all-linear"))).eval()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(4))
+    reference = _dense_reference(model, ids)
+    with torch.no_grad():
+        for n in (7, 1):  # a prefill-sized and a decoding-sized call
+            torch.testing.assert_close(model(input_ids=ids[:, :n]).logits.double(), reference[:, :n], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_mixed_batches_give_each_sample_its_adapters_output(method):
+    model = get_peft_model(tiny_llama(), method_config(method, target_modules="all-linear"))
+    model.add_adapter("other", method_config(method, target_modules="all-linear", seed=7))
+    _randomized(model).eval()
+    ids = torch.randint(0, 128, (3, 5), generator=torch.Generator().manual_seed(5))
+    names = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[i:i + 1]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[i:i + 1]).logits
+            torch.testing.assert_close(mixed[i:i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_changed_support_or_moved_values_get_fresh_index_forms():
+    # regrowth writes the index buffer in place (its version changes); a device or dtype move gives the values new
+    # storage: the kept CSR matrix, which holds the values themselves, must not outlive either
+    model = _randomized(get_peft_model(tiny_llama(), method_config("spiel", target_modules="all-linear"))).eval()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    x = torch.randn(1, 32)
+    with torch.no_grad():
+        before = layer(x)
+        indices = layer.sparse_indices["default"]
+        k = indices.numel()
+        new = torch.randperm(32 * 32, generator=torch.Generator().manual_seed(9))[:k].sort().values
+        indices.copy_(new.to(indices.dtype))  # what a regrowth does
+        after = layer(x)
+        dense = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        torch.testing.assert_close(after, x @ dense.t(), rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(before, after)
+        values = layer.sparse_values["default"]
+        values.data = values.data * 2  # new storage, the same Parameter
+        dense = layer.get_base_layer().weight + layer.get_delta_weight("default")
+        torch.testing.assert_close(layer(x), x @ dense.t(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_csr_product_equals_the_gather_and_the_dense_blocks():
+    g = torch.Generator().manual_seed(0)
+    out_f, in_f, k = 48, 40, 200
+    indices = torch.randperm(out_f * in_f, generator=g)[:k].sort().values.to(torch.int32)
+    values = torch.randn(k, generator=g, dtype=torch.float64)
+    dense = torch.zeros(out_f * in_f, dtype=torch.float64).index_put_((indices.long(),), values).view(out_f, in_f)
+    layout = ops.Layout(indices, in_f)
+    for n in (1, 3, 64):
+        a = torch.randn(n, in_f, generator=g, dtype=torch.float64)
+        torch.testing.assert_close(ops.csr_times(a, values, layout, out_f), a @ dense.t())
+        for mode in ("gather", "sparse", "dense"):
+            torch.testing.assert_close(ops._times_delta(a, values, indices, (out_f, in_f), False, mode), a @ dense.t())
