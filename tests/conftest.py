@@ -142,3 +142,31 @@ def close_process_group() -> None:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+
+
+def assert_same_adapter(reference: dict, run: dict, other_rank: dict, atol: float, skip=lambda key: False) -> None:
+    """A distributed run's adapter (a state dict of whole tensors) is the reference's: indices and frozen slots
+    exactly, the rest within atol; and the other rank holds the very same whole adapter."""
+    assert reference.keys() == run.keys()
+    for key in reference:
+        if skip(key):
+            continue
+        if "indices" in key or "slots" in key:
+            assert torch.equal(reference[key], run[key]), key
+        else:
+            torch.testing.assert_close(run[key], reference[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
+    for key in run:
+        assert torch.equal(run[key], other_rank[key]), key
+
+
+def assert_loads_as_trained(folder, trained: dict) -> None:
+    """The adapter saved in `folder` under a sharding engine loads into one process holding what training ended with."""
+    from peft import PeftModel
+
+    import sparse_peft  # noqa: F401  (registers the adapter type)
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), folder)
+    state = {k: v for k, v in loaded.state_dict().items() if "sparse_" in k}
+    assert state.keys() == {k for k in trained if not k.endswith("noise_std")}
+    for key, value in state.items():
+        assert torch.equal(value, trained[key].to(value.dtype)), key

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..conftest import assert_loads_as_trained, assert_same_adapter
 from .test_fsdp import STEPS, _train as _train_reference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
@@ -116,36 +117,18 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("name", sorted(SETUPS))
 def test_deepspeed_ends_with_the_adapter_ddp_ends_with(runs, name, stage):
-    ddp, zero = runs[(name, "ddp", 0)], runs[(name, f"zero{stage}", 0)]
-    assert ddp.keys() == zero.keys()
     # ZeRO-3 hooks every module, so its layers take the general path (base GEMM + the update's product), not the
     # fused one-GEMM path DDP takes: another float order, which Adam's normalisation magnifies on tiny gradients
-    atol = 1e-6 if stage == 2 else 1e-5
-    for key in ddp:
-        if name in SAME_MASK_ONLY and "indices" not in key:
-            continue
-        if "indices" in key or "slots" in key:
-            assert torch.equal(ddp[key], zero[key]), key
-        else:
-            torch.testing.assert_close(zero[key], ddp[key], rtol=0, atol=atol, msg=lambda m: f"{key}: {m}")
-    for key in zero:  # and both ranks hold the same whole adapter
-        assert torch.equal(zero[key], runs[(name, f"zero{stage}", 1)][key]), key
+    # (SLTrain's ends 1.4e-6 away). The methods with per-step work are held to 1e-6 under both stages.
+    scheduled = name.split("-")[0] in ("spiel", "sara", "lora_ggpo", "rosa")
+    assert_same_adapter(runs[(name, "ddp", 0)], runs[(name, f"zero{stage}", 0)], runs[(name, f"zero{stage}", 1)],
+                        atol=1e-6 if stage == 2 or scheduled else 1e-5,
+                        skip=lambda key: name in SAME_MASK_ONLY and "indices" not in key)
 
 
 @pytest.mark.parametrize("name", sorted(SETUPS))
 def test_an_adapter_saved_under_zero3_is_whole_and_loads_into_one_process(runs, name):
-    from peft import PeftModel
-
-    import sparse_peft  # noqa: F401  (registers the adapter type)
-
-    from ..conftest import tiny_llama
-
-    loaded = PeftModel.from_pretrained(tiny_llama(), runs["folder"] / f"{name}-adapter")
-    state = {k: v for k, v in loaded.state_dict().items() if "sparse_" in k}
-    trained = runs[(name, "zero3", 0)]
-    assert state.keys() == {k for k in trained if not k.endswith("noise_std")}
-    for key, value in state.items():
-        assert torch.equal(value, trained[key].to(value.dtype)), key
+    assert_loads_as_trained(runs["folder"] / f"{name}-adapter", runs[(name, "zero3", 0)])
 
 
 # -- the front door: the HF Trainer and TRL's SFTTrainer with a DeepSpeed ZeRO-3 config ------------------------

@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from ..conftest import assert_loads_as_trained, assert_same_adapter
+
 
 SETUPS = {
     "spiel": dict(method="spiel", density=0.05, reselection_steps=3, accumulation_steps=2),
@@ -87,29 +89,12 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("name", sorted(SETUPS))
 def test_fsdp2_ends_with_the_adapter_ddp_ends_with(runs, name):
-    ddp, fsdp = runs[(name, "ddp", 0)], runs[(name, "fsdp2", 0)]
-    assert ddp.keys() == fsdp.keys()
-    for key in ddp:
-        if "indices" in key or "slots" in key:
-            assert torch.equal(ddp[key], fsdp[key]), key
-        else:
-            torch.testing.assert_close(fsdp[key], ddp[key], rtol=0, atol=1e-6, msg=key)
-    for key in fsdp:  # and both FSDP2 ranks hold the same whole adapter
-        assert torch.equal(fsdp[key], runs[(name, "fsdp2", 1)][key]), key
+    assert_same_adapter(runs[(name, "ddp", 0)], runs[(name, "fsdp2", 0)], runs[(name, "fsdp2", 1)], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(SETUPS))
 def test_an_adapter_saved_under_fsdp2_is_whole_and_loads_into_one_process(runs, name):
-    from peft import PeftModel
-
-    from ..conftest import tiny_llama
-
-    loaded = PeftModel.from_pretrained(tiny_llama(), runs["folder"] / f"{name}-adapter")
-    state = {k: v for k, v in loaded.state_dict().items() if "sparse_" in k}
-    trained = runs[(name, "fsdp2", 0)]
-    assert state.keys() == {k for k in trained if not k.endswith("noise_std")}
-    for key, value in state.items():
-        assert torch.equal(value, trained[key].to(value.dtype)), key
+    assert_loads_as_trained(runs["folder"] / f"{name}-adapter", runs[(name, "fsdp2", 0)])
 
 
 def test_fsdp1_is_refused_naming_fsdp2():
