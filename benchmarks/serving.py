@@ -109,11 +109,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--methods", nargs="*", default=sorted(METHODS))
+    p.add_argument("--rounds", type=int, help="rounds per setup, the best one counts (default 5; --quick 3)")
+    p.add_argument("--shapes", nargs="*", help="hidden:batch pairs (default 256:1 1024:1 1024:8; --quick 1024:1)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = _load_run()
     rounds, new_tokens = (3, 32) if args.quick else (5, 96)
+    rounds = args.rounds or rounds
     shapes = [(1024, 1)] if args.quick else [(256, 1), (1024, 1), (1024, 8)]
+    if args.shapes:
+        shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes]
     for hidden, batch in shapes:
         print(table(hidden, batch, args.methods, run, rounds, new_tokens) + "\n", flush=True)
 

@@ -123,7 +123,12 @@ class Delta:
         """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
         y = None
         if self.values is not None and self.values.numel():
-            y = ops.sparse_linear(x, self.effective_values(), self.indices, self.out_features, self.probe, self.layout)
+            # the scale (DSEE's alpha / r) on the product, not on the values: no k-sized copy per call, and the
+            # stored values themselves reach the op (whose CSR matrix over them is kept between calls)
+            y = ops.sparse_linear(x, self.effective_values(scaled=False), self.indices, self.out_features, self.probe,
+                                  self.layout)
+            if self.sparse_scale != 1.0:
+                y = y * self.sparse_scale
         if self.row_block is not None:
             y = _add(y, ops.row_linear(x, self._scaled(self.row_block), self.row_index, self.out_features, self.row_span))
         if self.col_block is not None:

@@ -298,14 +298,13 @@ class SparseLayer(BaseTunerLayer):
     def _layout(self, adapter_name: str) -> Optional[ops.Layout]:
         """The unstructured support's ops.Layout, kept until the support changes (a new buffer, or an in-place
         write, which bumps its version): its rows and columns are made once per support, not per forward."""
-        indices = self.sparse_indices[adapter_name] if adapter_name in self.sparse_indices else None
+        indices = self._modules[INDICES]._buffers.get(adapter_name)  # a buffer: no engine gathers it
         if indices is None or torch.compiler.is_compiling():
             return None  # under torch.compile the split is part of the graph
         layouts = self.__dict__.setdefault("_sparse_layouts", {})
         layout = layouts.get(adapter_name)
-        in_features = self.delta_shape[1]
-        if layout is None or not layout.fits(indices, in_features):
-            layout = layouts[adapter_name] = ops.Layout(indices, in_features)
+        if layout is None or layout.indices is not indices or layout.version != indices._version:
+            layout = layouts[adapter_name] = ops.Layout(indices, self.delta_shape[1])
         return layout
 
     def _span(self, indices: Optional[torch.Tensor]) -> Optional[tuple[int, int]]:
@@ -423,7 +422,8 @@ class SparseLayer(BaseTunerLayer):
                 )
         deltas = [d for d in (self.get_delta(name) for name in self.active_adapters) if d is not None]
         noise = self._noise() if self.sparse_noise and self.training else None
-        if len(deltas) == 1 and not args and not kwargs and noise is None:
+        # inference forms no scratch weight: the update's own product (ops.csr_times) is cheap
+        if len(deltas) == 1 and not args and not kwargs and noise is None and torch.is_grad_enabled():
             fused = self._fused_forward(x, deltas[0])
             if fused is not None:
                 return fused
@@ -437,7 +437,8 @@ class SparseLayer(BaseTunerLayer):
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
         for delta in deltas:
-            result = result + self._delta_forward(x, delta).to(result.dtype)
+            update = self._delta_forward(x, delta)
+            result = result + (update if update.dtype == result.dtype else update.to(result.dtype))
         return result
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -539,8 +540,6 @@ class Linear(_Module):
         base = self.get_base_layer()
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
-        if not torch.is_grad_enabled():
-            return None  # inference forms no scratch weight: the update's own product (ops.csr_times) is cheap
 
         if not (delta.values is not None and delta.values.numel()) or any(
             t is not None for t in (delta.row_block, delta.col_block)

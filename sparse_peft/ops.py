@@ -112,11 +112,11 @@ class Layout:
     index_select with int32 indices are many times slower on CPU), made only by a path that uses them.
     """
 
-    __slots__ = ("indices", "version", "in_features", "_rows_cols", "_csr")
+    __slots__ = ("indices", "version", "in_features", "_rows_cols", "_csr", "_matrix")
 
     def __init__(self, indices: torch.Tensor, in_features: int):
         self.indices, self.version, self.in_features = indices, indices._version, in_features
-        self._rows_cols = self._csr = None
+        self._rows_cols = self._csr = self._matrix = None
 
     def fits(self, indices: torch.Tensor, in_features: int) -> bool:
         return self.indices is indices and self.version == indices._version and self.in_features == in_features
@@ -167,10 +167,17 @@ def csr_times(a: torch.Tensor, values: torch.Tensor, layout: Layout, out_feature
     1024 tokens 12 / 41 / 3021 µs, against 54 / 212 / 70163 µs for the gather and 229 / 352 / 8016 µs for
     dense row blocks; 2752 × 1024 likewise 17 / 53 / 4622 against 87 / 420 / 139462 and 768 / 1163 / 25642.
     Forms nothing of out × in: the product itself (N × out) and MKL's workspace."""
-    # made per call (a few µs, no copy: it wraps `values`), never kept: engines swap a parameter's storage
-    # between calls (ZeRO-3 frees and re-gathers it), which a kept matrix would not see
-    crow, col = layout.csr(out_features)
-    delta = torch.sparse_csr_tensor(crow, col, values.detach(), (out_features, a.shape[1]), check_invariants=False)
+    # The matrix wraps `values` (no copy), so in-place updates (an optimizer step) show through it. It is kept
+    # while the same tensor with the same storage comes back: a frozen-slot or scaled copy, a `.data` swap, or
+    # an engine freeing and re-gathering the storage (ZeRO-3) makes a new one.
+    storage = values.untyped_storage()
+    kept = layout._matrix
+    if kept is not None and kept[0] is values and kept[1] == (storage.data_ptr(), storage.nbytes(), values.storage_offset()):
+        delta = kept[2]
+    else:
+        crow, col = layout.csr(out_features)
+        delta = torch.sparse_csr_tensor(crow, col, values.detach(), (out_features, a.shape[1]), check_invariants=False)
+        layout._matrix = (values, (storage.data_ptr(), storage.nbytes(), values.storage_offset()), delta)
     if a.shape[0] == 1:
         return torch.mv(delta, a[0])[None]
     return (delta @ a.t()).t()
@@ -512,10 +519,12 @@ def _run_probe(probe, dy: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None) -> torch.Tensor:
-    if not torch.is_grad_enabled() and probe is None:  # inference: the product alone, no autograd node
+    if not torch.is_grad_enabled():  # inference: the product alone, no autograd node (and no backward for a probe)
         x2 = _rows2d(x)
+        if x2.dtype != values.dtype:
+            x2 = x2.to(values.dtype)
         mode = product_mode(x2.shape[0], values.numel(), out_features, x.shape[-1])
-        y = _times_delta(x2.to(values.dtype), values, indices, (out_features, x.shape[-1]), False, mode, layout)
+        y = _times_delta(x2, values, indices, (out_features, x.shape[-1]), False, mode, layout)
         return y.reshape(*x.shape[:-1], out_features)
     return SparseLinear.apply(x, values, indices, out_features, probe, layout)
 
