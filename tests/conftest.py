@@ -170,3 +170,19 @@ def assert_loads_as_trained(folder, trained: dict) -> None:
     assert state.keys() == {k for k in trained if not k.endswith("noise_std")}
     for key, value in state.items():
         assert torch.equal(value, trained[key].to(value.dtype)), key
+
+
+def spawn_runs(tmp_path_factory, worker, label: str, setups, engines) -> dict:
+    """Run `worker(rank, world, init_file, folder)` on two spawned gloo ranks; it saves each setup's adapter per
+    engine and rank as `{name}-{engine}-rank{r}.pt`. Returns them by (name, engine, rank), and the folder."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    folder = tmp_path_factory.mktemp(label)
+    mp.spawn(worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
+    runs = {(name, engine, r): torch.load(folder / f"{name}-{engine}-rank{r}.pt", weights_only=True)
+            for name in setups for engine in engines for r in range(2)}
+    runs["folder"] = folder
+    return runs

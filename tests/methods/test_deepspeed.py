@@ -18,17 +18,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..conftest import assert_loads_as_trained, assert_same_adapter
-from .test_fsdp import STEPS, _train as _train_reference
+from ..conftest import assert_loads_as_trained, assert_same_adapter, spawn_runs
+from .test_fsdp import SETUPS as SCHEDULED, STEPS, _train as _train_reference
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 
 SETUPS = {
-    "spiel": dict(method="spiel", density=0.05, reselection_steps=3, accumulation_steps=2),
-    "spiel-momentum": dict(method="spiel", density=0.05, reselection_steps=3, accumulation_steps=2, regrowth="momentum"),
-    "sara": dict(method="sara", density=0.05, nuclear_norm_weight=0.05, nuclear_norm_layers=14, progressive_step=3),
-    "lora_ggpo": dict(method="lora_ggpo", perturbation_sigma=0.3, perturbation_beta=1.0),
-    "rosa": dict(method="rosa", warmup_steps=3),
+    **SCHEDULED,  # tests/methods/test_fsdp.py's: the methods with per-step work
     # no per-step work: the forward and backward under partitioned parameters, and the saved file
     "dsee": dict(method="dsee", r=2, density=0.05),
     "s2ft": dict(method="s2ft"),
@@ -103,15 +99,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    folder = tmp_path_factory.mktemp("deepspeed")
-    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
-    engines = ["ddp"] + [f"zero{s}" for s in STAGES]
-    runs = {(name, engine, r): torch.load(folder / f"{name}-{engine}-rank{r}.pt", weights_only=True)
-            for name in SETUPS for engine in engines for r in range(2)}
-    runs["folder"] = folder
-    return runs
+    return spawn_runs(tmp_path_factory, _worker, "deepspeed", SETUPS, ["ddp"] + [f"zero{s}" for s in STAGES])
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -120,7 +108,7 @@ def test_deepspeed_ends_with_the_adapter_ddp_ends_with(runs, name, stage):
     # ZeRO-3 hooks every module, so its layers take the general path (base GEMM + the update's product), not the
     # fused one-GEMM path DDP takes: another float order, which Adam's normalisation magnifies on tiny gradients
     # (SLTrain's ends 1.4e-6 away). The methods with per-step work are held to 1e-6 under both stages.
-    scheduled = name.split("-")[0] in ("spiel", "sara", "lora_ggpo", "rosa")
+    scheduled = name in SCHEDULED
     assert_same_adapter(runs[(name, "ddp", 0)], runs[(name, f"zero{stage}", 0)], runs[(name, f"zero{stage}", 1)],
                         atol=1e-6 if stage == 2 or scheduled else 1e-5,
                         skip=lambda key: name in SAME_MASK_ONLY and "indices" not in key)
@@ -159,7 +147,7 @@ def _trainer_worker(rank: int, engine: str, port: int, out: str) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from sparse_peft import SparseConfig
-    from tests.test_trl import _model, _texts, _tokenizer
+    from tests.test_trl import _texts, _tokenizer
 
     ids = torch.randint(0, 18, (24, 10), generator=torch.Generator().manual_seed(5))
     for name, fields in TRAINER_RUNS.items():

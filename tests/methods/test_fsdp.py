@@ -12,9 +12,8 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from ..conftest import assert_loads_as_trained, assert_same_adapter
+from ..conftest import assert_loads_as_trained, assert_same_adapter, spawn_runs
 
 
 SETUPS = {
@@ -77,14 +76,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    folder = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(2, str(folder / "init"), str(folder)), nprocs=2, join=True)
-    runs = {(name, engine, r): torch.load(folder / f"{name}-{engine}-rank{r}.pt", weights_only=True)
-            for name in SETUPS for engine in ("ddp", "fsdp2") for r in range(2)}
-    runs["folder"] = folder
-    return runs
+    return spawn_runs(tmp_path_factory, _worker, "fsdp", SETUPS, ("ddp", "fsdp2"))
 
 
 @pytest.mark.parametrize("name", sorted(SETUPS))
