@@ -422,8 +422,7 @@ class SparseLayer(BaseTunerLayer):
                 )
         deltas = [d for d in (self.get_delta(name) for name in self.active_adapters) if d is not None]
         noise = self._noise() if self.sparse_noise and self.training else None
-        # inference forms no scratch weight: the update's own product (ops.csr_times) is cheap
-        if len(deltas) == 1 and not args and not kwargs and noise is None and torch.is_grad_enabled():
+        if len(deltas) == 1 and not args and not kwargs and noise is None:
             fused = self._fused_forward(x, deltas[0])
             if fused is not None:
                 return fused
@@ -551,7 +550,7 @@ class Linear(_Module):
         if delta.lora_A is not None and delta.lora_A.dtype != weight.dtype:
             return None
         if ops.product_mode(x.numel() // x.shape[-1], delta.values.numel(), *weight.shape) == "gather":
-            return None  # few tokens (decoding): the base GEMM plus a gather over the support is cheaper than a scratch W
+            return None  # few tokens (decoding): the base GEMM plus the update's own product is cheaper than a scratch W
         return ops.merged_sparse_linear(
             x, weight, bias, delta.effective_values(), delta.indices, delta.probe, delta.lora_A, delta.lora_B, delta.scaling
         )
