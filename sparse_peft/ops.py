@@ -114,11 +114,11 @@ class Layout:
     index_select with int32 indices are many times slower on CPU), made only by a path that uses them.
     """
 
-    __slots__ = ("indices", "version", "in_features", "_rows_cols", "_csr", "_matrix")
+    __slots__ = ("indices", "version", "in_features", "_rows_cols", "_csr", "_csr_t", "_matrix")
 
     def __init__(self, indices: torch.Tensor, in_features: int):
         self.indices, self.version, self.in_features = indices, indices._version, in_features
-        self._rows_cols = self._csr = self._matrix = None
+        self._rows_cols = self._csr = self._csr_t = self._matrix = None
 
     def fits(self, indices: torch.Tensor, in_features: int) -> bool:
         return self.indices is indices and self.version == indices._version and self.in_features == in_features
@@ -138,6 +138,17 @@ class Layout:
             crow[1:] = counts.cumsum(0)
             self._csr = (crow, (flat % self.in_features).to(torch.int32))
         return self._csr
+
+    def csr_t(self, out_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Δᵀ's CSR pattern: (column pointers, row of each entry) int32, and `order`, the entries sorted by column
+        (values[order] are Δᵀ's values). For the backward's dx; 16 bytes per entry."""
+        if self._csr_t is None:
+            rows, cols = self.rows_cols()
+            order = torch.argsort(cols * out_features + rows)
+            ptr = torch.zeros(self.in_features + 1, dtype=torch.int32, device=rows.device)
+            ptr[1:] = torch.bincount(cols, minlength=self.in_features).cumsum(0)
+            self._csr_t = (ptr, rows[order].to(torch.int32), order)
+        return self._csr_t
 
 
 _CSR_WORKS: dict = {}
@@ -261,8 +272,14 @@ def grad_at(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, dtype, lay
 def _times_delta(a, values, indices, shape, transpose: bool, mode: str, layout: "Layout | None" = None) -> torch.Tensor:
     """a Δᵀ (a: N × in) or, with `transpose`, a Δ (a: N × out), for Δ of `shape` (out, in)."""
     out_features, in_features = shape
-    if not transpose and _use_csr(layout, a, values):
-        return csr_times(a, values, layout, out_features)
+    if _use_csr(layout, a, values):
+        if not transpose:
+            return csr_times(a, values, layout, out_features)
+        # a Δ = (Δᵀ aᵀ)ᵀ over Δᵀ's pattern: 1 thread, 1,024 tokens, 2752 × 1024 at 1.1%: 10 ms against 47 ms
+        # for dense row blocks (1024² at 1.6%: 4.8 against 18 ms)
+        ptr, rows, order = layout.csr_t(out_features)
+        delta_t = torch.sparse_csr_tensor(ptr, rows, values.detach()[order], (in_features, out_features), check_invariants=False)
+        return (delta_t @ a.t()).t()
     if mode == "gather":
         rows, cols = _rows_cols(indices, in_features, layout)
         src, dst = (rows, cols) if transpose else (cols, rows)

@@ -262,3 +262,12 @@ def test_contiguous_span_fast_path_equals_the_gather_path(kind):
         results.append((y, dx, db))
     for a, b in zip(*results):
         assert torch.allclose(a, b)
+
+
+def test_gradcheck_sparse_through_a_layout(kernel_path):
+    # what a layer passes: the support's Layout, so the forward and dx are CSR products over its patterns
+    flat, _, _ = _support(9)
+    layout = ops.Layout(flat.int(), IN)
+    v = torch.randn(9, dtype=D, requires_grad=True)
+    assert ops.csr_works(v.device, D)
+    assert gradcheck(lambda x, v: ops.sparse_linear(x, v, layout.indices, OUT, None, layout), (_x(), v))
