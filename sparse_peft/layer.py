@@ -539,7 +539,6 @@ class Linear(_Module):
         base = self.get_base_layer()
         if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
-
         if not (delta.values is not None and delta.values.numel()) or any(
             t is not None for t in (delta.row_block, delta.col_block)
         ):

@@ -92,17 +92,20 @@ class SparseScheduler:
         if method.has_steps(self.config):
             check_engine(model)
         self.hooks = method.steps(self.run) if method.has_steps(self.config) else []  # may refuse: before anything changes
-        _register(model, self)  # replaces (retires) the adapter's previous scheduler
         # a trainable tensor of this adapter: an optimizer that holds it trains the adapter
         self._witness = next((m.get_delta(self.adapter).reference for m in adapter_layers.values()
                               if m.get_delta(self.adapter) is not None), None)
+        zero = deepspeed_optimizer(optimizer) if self.hooks else None
+        if zero is not None:
+            _check_deepspeed(self)  # may refuse: before anything changes
+        _register(model, self)  # replaces (retires) the adapter's previous scheduler
         # a watch for training that never reaches the schedule (an optimizer that is no torch.optim.Optimizer over
         # these tensors, e.g. a DeepSpeed engine in a plain loop, and nobody calling step()): say so, once
         self._forwards_since_step, self._watch = 0, None
         if self.hooks and adapter_layers:
             self._watch = next(iter(adapter_layers.values())).register_forward_pre_hook(self._count_forward)
-        if self.hooks and deepspeed_optimizer(optimizer) is not None:
-            _drive_deepspeed(deepspeed_optimizer(optimizer), self)
+        if zero is not None:
+            _drive_deepspeed(zero)
 
     @property
     def optimizer(self):
@@ -298,15 +301,18 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
                 scheduler._after_stats, scheduler._after_unreported = scheduler._after_update(), True
 
 
-def _drive_deepspeed(zero, scheduler: SparseScheduler) -> None:
-    """Run the schedules bound to a DeepSpeed ZeRO optimizer around its step (engine.step() calls it once per
-    optimizer step, after gradient accumulation; its own torch optimizer steps flat partitions, which no
-    adapter tensor is). The work before the update sees the reduced gradients before DeepSpeed clips them."""
+def _check_deepspeed(scheduler: SparseScheduler) -> None:
     if scheduler._witness is not None and scheduler._witness.dtype == torch.float16:
         raise ValueError(
             f"adapter {scheduler.adapter!r}: DeepSpeed's fp16 loss scaling skips optimizer steps on overflow after "
             "the per-step work has seen the step's (overflowed) gradients; train in bf16 (\"bf16\": {\"enabled\": true})"
         )
+
+
+def _drive_deepspeed(zero) -> None:
+    """Run the schedules bound to a DeepSpeed ZeRO optimizer around its step (engine.step() calls it once per
+    optimizer step, after gradient accumulation; its own torch optimizer steps flat partitions, which no
+    adapter tensor is). The work before the update sees the reduced gradients before DeepSpeed clips them."""
     if getattr(zero, "_sparse_peft_step", None) is not None:
         return
     original = zero.step

@@ -183,3 +183,23 @@ def test_saving_from_a_state_dict_without_the_adapters_tensors_is_refused(tmp_pa
     with pytest.raises(ValueError, match="stage3_gather_16bit_weights_on_model_save: true"):
         model.save_pretrained(tmp_path, state_dict={})
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_fp16_under_deepspeed_is_refused_before_the_adapters_scheduler_changes():
+    # DeepSpeed's ZeRO optimizer is known by where its class lives; its fp16 loss scaling skips steps on overflow
+    # after the per-step work has seen the gradients. A stand-in optimizer is enough: no DeepSpeed needed
+    from sparse_peft import SparseScheduler
+    from sparse_peft.schedule import _SCHEDULES
+
+    class ZeroStandIn:
+        __module__ = "deepspeed.runtime.zero.stage3"
+        optimizer = None
+
+        def step(self):
+            pass
+
+    model = get_peft_model(tiny_llama().train(), SparseConfig(method="lora_ggpo", target_modules="all-linear")).half()
+    before = dict(_SCHEDULES[model.base_model])
+    with pytest.raises(ValueError, match=r"fp16 loss scaling.*train in bf16"):
+        SparseScheduler(model, ZeroStandIn(), total_steps=4)
+    assert _SCHEDULES[model.base_model] == before and not before["default"]._retired
