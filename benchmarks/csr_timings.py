@@ -1,0 +1,113 @@
+"""The CSR product against the older paths, and the adapter's share of a decoding forward (issue #17).
+
+    python benchmarks/csr_timings.py            # about two minutes on 2 cores; prints three Markdown tables
+
+1. Forward of an unstructured update alone, x Δᵀ, at LoRA r=8's count ((out + in)·8 entries), per path:
+   `ops.csr_times` (the support's CSR pattern from an `ops.Layout`), the gather, dense row blocks; and PEFT-LoRA-
+   style two thin products for reference. 2 threads, best of 3 × many calls, µs.
+2. Training's general path (`ops.sparse_linear` with a gradient: a bf16 or hooked base, several adapters):
+   one layer's forward + backward without a Layout (as before issue #17) and with one (CSR forward, dx through
+   the transposed pattern). 1 thread, best of 5, ms.
+3. The adapter's share of one decoding forward of a 2752 × 1024 `gate_proj` inside benchmarks/serving.py's
+   model: the layer's time minus its base layer's, median of 400 interleaved pairs, 1 thread, µs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in beta.*")
+
+import torch  # noqa: E402
+
+from sparse_peft import ops  # noqa: E402
+
+SHAPES = [(1024, 1024), (2752, 1024)]
+
+
+def _support(out_f, in_f):
+    k = (out_f + in_f) * 8
+    idx = torch.randperm(out_f * in_f, generator=torch.Generator().manual_seed(0))[:k].sort().values.to(torch.int32)
+    return k, idx
+
+
+def _best(fn, calls: int, rounds: int = 3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def forward_table() -> str:
+    torch.set_num_threads(2)
+    lines = ["| layer | tokens | CSR | gather (rows/columns split per call, as before) | dense row blocks | two thin products (LoRA r=8) |", "|---|---|---|---|---|---|"]
+    for out_f, in_f in SHAPES:
+        k, idx = _support(out_f, in_f)
+        v, layout = torch.randn(k), ops.Layout(idx, in_f)
+        a_, b_ = torch.randn(8, in_f), torch.randn(out_f, 8)
+        for n in (1, 8, 1024):
+            x = torch.randn(n, in_f)
+            calls = 2000 if n == 1 else 200 if n == 8 else 3
+            t = {
+                "csr": _best(lambda: ops.csr_times(x, v, layout, out_f), calls),
+                "gather": _best(lambda: ops._times_delta(x, v, idx, (out_f, in_f), False, "gather"), calls),
+                "dense": _best(lambda: ops._times_delta(x, v, idx, (out_f, in_f), False, "dense"), calls),
+                "lora": _best(lambda: (x @ a_.t()) @ b_.t(), calls),
+            }
+            lines.append(f"| {out_f} × {in_f} | {n} | " + " | ".join(f"{t[c] * 1e6:.0f} µs" for c in ("csr", "gather", "dense", "lora")) + " |")
+    return "\n".join(lines)
+
+
+def training_table() -> str:
+    torch.set_num_threads(1)
+    lines = ["| layer | tokens | forward + backward, no Layout | with a Layout |", "|---|---|---|---|"]
+    for out_f, in_f in SHAPES:
+        k, idx = _support(out_f, in_f)
+        layout = ops.Layout(idx, in_f)
+        for n in (128, 1024):
+            x, v, dy = torch.randn(n, in_f, requires_grad=True), torch.randn(k, requires_grad=True), torch.randn(n, out_f)
+            times = [_best(lambda lay=lay: ops.sparse_linear(x, v, idx, out_f, None, lay).backward(dy), 1, 5)
+                     for lay in (None, layout)]
+            lines.append(f"| {out_f} × {in_f} | {n} | {times[0] * 1e3:.1f} ms | {times[1] * 1e3:.1f} ms |")
+    return "\n".join(lines)
+
+
+def decoding_share_table() -> str:
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("serving", os.path.join(os.path.dirname(os.path.abspath(__file__)), "serving.py"))
+    serving = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving)
+    run = serving._load_run()
+    base = serving.base_model(1024)
+    budget = run.target_budget(base)
+    x = torch.randn(1, 1, 1024)
+    lines = ["| setup | adapter's share of a decoding forward |", "|---|---|"]
+    with torch.no_grad():
+        for name in ("PEFT LoRA", "lora_ggpo", "spiel", "dsee"):
+            layer = serving.build(name, base, budget, run).base_model.model.model.layers[0].mlp.gate_proj
+            shares = []
+            for _ in range(400):
+                t0 = time.perf_counter_ns()
+                for _ in range(10):
+                    layer(x)
+                t1 = time.perf_counter_ns()
+                for _ in range(10):
+                    layer.base_layer(x)
+                shares.append(((t1 - t0) - (time.perf_counter_ns() - t1)) / 10 / 1e3)
+            lines.append(f"| {name} | {statistics.median(shares):.0f} µs |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    for table in (forward_table, training_table, decoding_share_table):
+        print(table() + "\n", flush=True)
