@@ -1,7 +1,10 @@
-"""Serving adapters unmerged: time per new token of every method against PEFT LoRA (issue #17).
+"""Serving and training at LoRA's cost (issue #17): time per new token decoding unmerged, and the true
+peak memory of a training step, of every method against PEFT LoRA.
 
-    python benchmarks/serving.py                  # hidden 256 and 1024, batch 1 and a mixed batch of 8; ~5 min on 2 cores
-    python benchmarks/serving.py --quick          # hidden 1024, batch 1, fewer tokens
+    python benchmarks/serving.py                  # hidden 256 and 1024: decoding at batch 1 and a mixed batch of 8,
+                                                  # then the step peaks; ~8 min on 2 cores
+    python benchmarks/serving.py --quick          # hidden 1024, batch 1, fewer tokens, and the step peaks at 1024
+    python benchmarks/serving.py --no-peak        # decoding only
 
 Greedy `generate` with the KV cache: a 32-token prompt, then 96 new tokens, one token per forward.
 A Llama with grouped-query attention (8 heads, 4 KV heads), 2 layers, intermediate 2.6875 x hidden,
@@ -13,6 +16,11 @@ round one full generation; 2 threads.
 
 The mixed batch: 8 sequences, `adapter_names` cycling over three adapters of the method and
 "__base__", against PEFT LoRA's own mixed batch of three LoRA adapters.
+
+The step peaks: benchmarks/peak.py's measurement (every allocation of forward, backward, the method's
+schedule, AdamW and zero_grad replayed; byte counts, exact, independent of load) on its models, hidden
+256 (4 layers) and 1024 (2 layers), at 1 × 128 and 4 × 256 tokens: the steady state (steps 2-3) and, in
+brackets where it differs, step 1 (SpIEL opens its first gradient window there, RoSA's warm-up runs).
 """
 
 from __future__ import annotations
@@ -104,6 +112,32 @@ def table(hidden: int, batch: int, names: list[str], run, rounds: int, new_token
     return "\n".join(lines)
 
 
+def peak_table(hiddens: list[int], names: list[str]) -> str:
+    """Step peak / PEFT LoRA's per method at 1 × 128 and 4 × 256 tokens, from benchmarks/peak.py."""
+    spec = importlib.util.spec_from_file_location("benchmarks_peak", os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak.py"))
+    peak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(peak)
+    peak.setups = lambda: ["PEFT LoRA", *names]
+    columns, cells = [], {}
+    for hidden in hiddens:
+        layers = 4 if hidden == 256 else 2
+        for batch, seq in ((1, 128), (4, 256)):
+            rows = peak.measure(hidden, layers, batch, seq)
+            lora = next(r for r in rows if r["name"] == "PEFT LoRA")
+            column = f"hidden {hidden}, {batch} × {seq}"
+            columns.append(column)
+            for r in rows:
+                steady, first = r["steady"] / lora["steady"], r["first"] / lora["first"]
+                text = f"{steady:.2f}" + (f" ({first:.2f})" if abs(first - steady) >= 0.005 else "")
+                cells.setdefault(r["name"], {})[column] = text
+            cells.setdefault("PEFT LoRA (MiB)", {})[column] = f"{lora['steady'] / 2**20:.2f}"
+    lines = ["True peak of one training step / PEFT LoRA's (steps 2-3; step 1 in brackets where it differs)", "",
+             "| setup | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in cells.items():
+        lines.append(f"| {name} | " + " | ".join(row[c] for c in columns) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
@@ -111,6 +145,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=sorted(METHODS))
     p.add_argument("--rounds", type=int, help="rounds per setup, the best one counts (default 5; --quick 3)")
     p.add_argument("--shapes", nargs="*", help="hidden:batch pairs (default 256:1 1024:1 1024:8; --quick 1024:1)")
+    p.add_argument("--no-peak", action="store_true", help="skip the training-step peaks")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = _load_run()
@@ -121,6 +156,9 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes]
     for hidden, batch in shapes:
         print(table(hidden, batch, args.methods, run, rounds, new_tokens) + "\n", flush=True)
+    if not args.no_peak:
+        torch.set_num_threads(1)  # byte counts do not depend on it; one thread keeps the allocation order plain
+        print(peak_table([1024] if args.quick else [256, 1024], args.methods), flush=True)
 
 
 if __name__ == "__main__":

@@ -123,18 +123,18 @@ class Delta:
         """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
         y = None
         if self.values is not None and self.values.numel():
-            # the scale (DSEE's alpha / r) on the product, not on the values: no k-sized copy per call, and the
-            # stored values themselves reach the op (whose CSR matrix over them is kept between calls)
+            # the scale (DSEE's alpha / r) inside the op, on the product, not on the values: no k-sized copy per
+            # call, the stored values themselves reach the op (whose CSR matrix over them is kept between calls),
+            # and backward forms no scaled copy of dy
             y = ops.sparse_linear(x, self.effective_values(scaled=False), self.indices, self.out_features, self.probe,
-                                  self.layout)
-            if self.sparse_scale != 1.0:
-                y = y * self.sparse_scale
+                                  self.layout, self.sparse_scale)
         if self.row_block is not None:
             y = _add(y, ops.row_linear(x, self._scaled(self.row_block), self.row_index, self.out_features, self.row_span))
         if self.col_block is not None:
             y = _add(y, ops.column_linear(x, self._scaled(self.col_block), self.col_index, self.col_span))
         if self.lora_A is not None:
-            y = _add(y, ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling))
+            # on top of the sparse parts' output in one op: no third N × out tensor alive at once (as y + BAx)
+            y = ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling, y)
         if y is None:  # an empty support (a threshold no entry of this layer passes)
             y = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.values.dtype)
         return y

@@ -21,41 +21,38 @@ Conventions shared by every function here:
 
 What each path *forms* (transients, built and dropped inside one forward or backward; none is kept
 for backward, and no frozen weight ever gets a `.grad`). N tokens, a layer of out × in, k support entries,
-B = _BLOCK_ELEMENTS = 2²² entries (16 MiB in fp32); a "block" is the rows r0:r1 of an out × in
-matrix, max(1, B // in) rows, so a layer of at most B entries is one block, all of it:
+B = _BLOCK_ELEMENTS = 2¹⁸ entries (1 MiB in fp32); a "block" is the rows r0:r1 of an out × in matrix,
+max(1, B // in) rows. No path forms an out × in tensor for a layer of more than B entries: every dense
+scratch is ≤ B entries, at most two alive at once (under torch.compile a layer is one block, unbounded).
 
-- CSR (the forward product x Δᵀ of every mode, wherever torch multiplies CSR matrices of the values'
-  dtype: CPU fp32 / fp64; `csr_times`): the N × out product and MKL's workspace. The support's CSR
-  pattern (int32 row pointers and columns, 4 bytes per entry) is kept per support by the layer
-  (`Layout`), made once, not per call; without a Layout (torch.compile) or for other dtypes the
-  forward takes the mode's own path below. At inference with few tokens (decoding: "gather" mode)
-  nothing else is formed; with many (a prompt, an eval batch) the layer still takes the fused path
-  below where it applies, whose one GEMM on a scratch W + Δ is faster than the CSR product there
-  (1 thread, 1,024 tokens, 2752 × 1024: 46 against 89 ms).
-- gather (`product_mode` "gather": N·k ≤ out·in/16, e.g. decoding): x's columns at the support and
-  their products, N × k, and int64 row/column indices (16 bytes per entry, kept per support by the
-  Layout once a path needs them). Its gradient is the sampled one below. Nothing of out × in.
+- CSR (wherever torch multiplies CSR matrices of the values' dtype: CPU fp32 / fp64, probed once;
+  `csr_times`): the forward x Δᵀ and, in backward, dx = dy Δ over Δᵀ's pattern, each as a fresh N × out
+  (N × in) product, made in chunks of ≤ B // (out + in) tokens (torch copies its operand and result
+  whole otherwise). The weight gradient at the support is torch's SDDMM (`csr_grad`), over the same
+  chunks. The patterns (int32 row pointers and columns, 4 bytes per entry; Δᵀ's with the entries'
+  order, 16 bytes per entry) are kept per support by the layer (`Layout`), made once, not per call.
+  Training takes this path wherever it applies; without a Layout (torch.compile) or for other dtypes
+  (bf16 on CPU) the mode's own paths below run.
+- gather (`product_mode` "gather": N·k ≤ out·in/16, e.g. decoding without CSR): x's columns at the
+  support and their products, N × k, and int64 row/column indices (16 bytes per entry, kept by the
+  Layout once a path needs them). Its gradient is the sampled one below.
 - sparse kernels ("sparse": density < SPARSE_KERNEL_BELOW_DENSITY): a COO Δ (int64 row/column
-  indices, sorted again for Δᵀ) and the sampled gradient (SDDMM): three N × c temporaries
-  (gathered dy, gathered x, their product) with c = min(k, B // N), i.e. ≤ 3·B entries. Nothing of
-  out × in.
+  indices, sorted again for Δᵀ) and the sampled gradient: three N × c temporaries (gathered dy,
+  gathered x, their product) with c = min(k, B // N), i.e. ≤ 3·B entries.
 - row blocks ("dense": density ≥ SPARSE_KERNEL_BELOW_DENSITY): dense blocks of Δ (forward, dx) and
-  of dW = dyᵀx (the gradient, read at the support) of ≤ B entries each, two at once at the turn
-  from one block to the next (`_times_delta`), plus int64 block-local indices. For a layer of
-  ≤ B entries that is a dense out × in Δ and a dense out × in dW, formed and dropped (32 MiB at most
-  for larger layers, in fp32). Under torch.compile every layer is one block: out × in, unbounded.
-- fused one GEMM (`MergedSparseLinear`): a scratch copy of the whole W + Δ (+ s·B·A), out × in in
-  W's dtype, in forward and again in backward, with no bound; in backward it is still held while
-  the gradient is formed (dW blocks above the density threshold, and always with a low-rank part;
-  one block at a time, two with a low-rank part): out × in + up to 2·B entries.
+  of dW = dyᵀx (the gradient, read at the support), ≤ B entries each, two at once at the turn from
+  one block to the next, plus int64 block-local indices.
+- fused one GEMM per block (`MergedSparseLinear`, taken where `scratch_pays`: a long prompt at
+  inference, or training without the CSR kernels): blocks of W + Δ (+ s·B·A) in W's dtype, forward
+  and again in backward, and dW blocks for the gradient: ≤ B entries each.
 - rows / columns / low-rank (`RowLinear`, `ColumnLinear`, `LowRankLinear`): products of N × s or
-  N × r and the s × in, out × s or r × in gradients themselves. Nothing of out × in.
+  N × r and the s × in, out × s or r × in gradients themselves.
 Outside this module: Conv2d layers (layer.py) build a dense ΔW (out × in·kh·kw) each forward,
 which conv2d keeps for backward, and get a dense dW from conv2d's backward; LoRA-GGPO
-(perturbation.py) draws an out × in fp32 noise tensor, its scratch weight, in forward and again in
-backward; SpIEL's gradient probe forms dW in row blocks (a block and its |·|, ≤ 3·B entries at
-once) in the first backward of each window; SaRA's nuclear-norm penalty forms a dense fp32 ΔW and
-its SVD, for `nuclear_norm_layers` layers (default 1) a step.
+(perturbation.py) draws its noise and scratch weight in blocks of ≤ B entries; SpIEL's gradient
+probe forms dW in row blocks (a block and its |·|, ≤ 3·B entries at once) in the first backward of
+each window; RoSA's warm-up streams dW in blocks into its pool; SaRA's nuclear-norm penalty forms a
+dense fp32 ΔW and its SVD, for `nuclear_norm_layers` layers (default 1) a step.
 Measured, per path and per method: docs/memory.md, `python benchmarks/peak.py`.
 
 This module knows nothing of PEFT, configs or methods: tensors in, tensors out.
@@ -63,14 +60,18 @@ This module knows nothing of PEFT, configs or methods: tensors in, tensors out.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.autograd import Function
 
 
-# Bound, in elements (16 MiB in fp32), on each dense block of Δ or dW and on each (tokens × chunk)
-# product of the sampled gradient; up to two blocks live at once. Not a bound on the fused path's
-# scratch W + Δ (`_merged`), which is a whole out×in copy (see the module docstring).
-_BLOCK_ELEMENTS = 1 << 22
+# Bound, in elements (1 MiB in fp32), on every dense scratch a path forms: each block of rows of Δ, of dW or
+# of the fused path's W + Δ, and each (tokens × chunk) product of the sampled gradients; up to two live at
+# once. 1 MiB keeps such scratch below the activations of even a short sequence (issue #17: a training step's
+# true peak within 2% of LoRA's at 1 × 128 tokens); blocks of 256 rows at 1024 wide still run GEMMs at
+# full speed (CPU, 1 thread, dW of 2752 × 1024 at 1,024 tokens: 55 ms in 256-row blocks, 49 ms whole).
+_BLOCK_ELEMENTS = 1 << 18
 # Below this fraction of non-zeros, sparse kernels beat dense GEMMs on row blocks; above it the
 # GEMMs win although they do more FLOPs. `python benchmarks/layer_timings.py` (docs/kernels.md, CPU, one
 # thread, torch 2.13) times both over densities on 1024² to 4096² layers: forward + backward break
@@ -90,6 +91,29 @@ def product_mode(n_tokens: int, k: int, out_features: int, in_features: int) -> 
     if n_tokens * k <= GATHER_BELOW * size:
         return "gather"
     return "sparse" if k < SPARSE_KERNEL_BELOW_DENSITY * size else "dense"
+
+
+# At inference, the fused path's copy of W + Δ (one pass over out·in entries) beats the CSR product (a pass over
+# tokens · k entries) once tokens · k ≥ SCRATCH_ABOVE · out · in. CPU, 1 thread, 2752 × 1024 at LoRA r=8's
+# count: the CSR product costs ~0.3 ns per token·entry, the blocked copy ~0.9 ns per weight entry.
+SCRATCH_ABOVE = 3.0
+
+
+def scratch_pays(n_tokens: int, values: torch.Tensor, layout: "Layout | None", out_features: int, in_features: int) -> bool:
+    """Whether a layer should take the fused one-GEMM path (a scratch W + Δ, in blocks of rows) for a call of
+    `n_tokens` tokens, rather than the base layer's GEMM plus the update's own product.
+
+    Training: never where the CSR kernels and the sampled gradient run (they form nothing of out × in, and the
+    fused path's dense dW costs more than the SDDMM: 1,024 tokens, 49 against 13 ms); elsewhere (bf16 on CPU)
+    unless the call is gather-sized. Inference: with CSR, when the copy is cheaper than the product."""
+    k = values.numel()
+    if product_mode(n_tokens, k, out_features, in_features) == "gather":
+        return False  # few tokens (decoding): the update's own product beats any scratch W
+    if layout is None or not csr_works(values.device, values.dtype):
+        return True
+    if torch.is_grad_enabled() and values.requires_grad:
+        return not sddmm_works(values.device, values.dtype)
+    return n_tokens * k >= SCRATCH_ABOVE * out_features * in_features
 
 
 def _rows2d(t: torch.Tensor) -> torch.Tensor:
@@ -162,8 +186,10 @@ def csr_works(device: torch.device, dtype: torch.dtype) -> bool:
         import warnings
 
         try:
-            with warnings.catch_warnings():  # torch's one-time "sparse CSR support is in beta" notice
-                warnings.simplefilter("ignore")
+            # autocast off: asked first inside a bf16 autocast region, the probe would run in bf16 and the answer
+            # kept for fp32 would be no
+            with warnings.catch_warnings(), torch.autocast(device.type, enabled=False):
+                warnings.simplefilter("ignore")  # torch's one-time "sparse CSR support is in beta" notice
                 one = torch.ones(1, dtype=dtype, device=device)
                 s = torch.sparse_csr_tensor(torch.tensor([0, 1], dtype=torch.int32, device=device),
                                             torch.zeros(1, dtype=torch.int32, device=device), one, (1, 1))
@@ -176,11 +202,9 @@ def csr_works(device: torch.device, dtype: torch.dtype) -> bool:
 def csr_times(a: torch.Tensor, values: torch.Tensor, layout: Layout, out_features: int) -> torch.Tensor:
     """a Δᵀ (a: N × in) with Δ as a CSR matrix over the layout's pattern and `values` (no copy of either).
 
-    CPU, 2 threads, fp32, forward only, a 1.6%-dense support (LoRA r=8's count): 1024 × 1024 at 1 / 8 /
-    1024 tokens 12 / 41 / 3021 µs, against 54 / 212 / 70163 µs for the gather and 229 / 352 / 8016 µs for
-    dense row blocks; 2752 × 1024 likewise 17 / 53 / 4622 against 87 / 420 / 139462 and 768 / 1163 / 25642.
-    With 1 thread at 1,024 tokens the CSR product is 11 ms (1024²) and 46 ms (2752 × 1024) against 18 and
-    47 ms for the row blocks. Forms nothing of out × in: the product itself (N × out) and MKL's workspace."""
+    CPU, 1 thread, fp32, 2752 × 1024 at LoRA r=8's count (1.1%): 128 / 1,024 tokens 1.2 / 7.5 ms, against
+    6.7 / 48 ms for the base layer's own GEMM (benchmarks/csr_timings.py has the paths side by side). Forms
+    nothing of out × in: the product itself (N × out) and, per chunk of tokens (`_csr_rows`), MKL's copies."""
     # The matrix wraps `values` (no copy), so in-place updates (an optimizer step) show through it. It is kept
     # while the same tensor with the same storage comes back: a frozen-slot or scaled copy, a `.data` swap, or
     # an engine freeing and re-gathering the storage (ZeRO-3) makes a new one.
@@ -192,9 +216,35 @@ def csr_times(a: torch.Tensor, values: torch.Tensor, layout: Layout, out_feature
         crow, col = layout.csr(out_features)
         delta = torch.sparse_csr_tensor(crow, col, values.detach(), (out_features, a.shape[1]), check_invariants=False)
         layout._matrix = (values, (storage.data_ptr(), storage.nbytes(), values.storage_offset()), delta)
-    if a.shape[0] == 1:
-        return torch.mv(delta, a[0])[None]
-    return (delta @ a.t()).t()
+    return _csr_rows(delta, a)
+
+
+def _csr_rows(matrix: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """a Mᵀ for a CSR matrix M (rows × cols) and a dense a (N × cols), as a fresh N × rows tensor.
+
+    torch multiplies CSR × dense column by column of the dense operand: (M aᵀ) is rows × N, and on the way it
+    copies aᵀ and its own result whole (at 1,024 tokens of a 2752 × 1024 layer, 15 MiB beyond the product).
+    Chunks of ≤ _BLOCK_ELEMENTS // (rows + cols) tokens bound those copies; each chunk's product is written
+    into the N × rows result (1,024 tokens: 7.5 against 7.0 ms whole). One token: a matrix-vector product."""
+    with _exact(a):
+        if a.shape[0] == 1:
+            return torch.mv(matrix, a[0])[None]
+        step = max(1, _BLOCK_ELEMENTS // sum(matrix.shape))
+        if a.shape[0] <= step:
+            return (matrix @ a.t()).t()
+        result = a.new_empty(a.shape[0], matrix.shape[0], dtype=matrix.dtype)
+        for t0 in range(0, a.shape[0], step):
+            result[t0 : t0 + step] = (matrix @ a[t0 : t0 + step].t()).t()
+        return result
+
+
+def _exact(t: torch.Tensor):
+    """A context in which the sparse products run in their operands' dtype: under autocast (a bf16 mixed
+    precision run) torch would cast a CSR product to bf16, which its CPU kernels do not implement (and which
+    would round the update). A no-op outside autocast, the common case, at no cost per call."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.autocast(t.device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _use_csr(layout: "Layout | None", a: torch.Tensor, values: torch.Tensor) -> bool:
@@ -223,6 +273,53 @@ def sampled_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
         r, c = rows[start : start + chunk], cols[start : start + chunk]
         out[start : start + chunk] = (dy.index_select(1, r).to(dtype) * x.index_select(1, c).to(dtype)).sum(0)
     return out
+
+
+_SDDMM_WORKS: dict = {}
+
+
+def sddmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.sparse.sampled_addmm runs for CSR matrices of `dtype` on this device (CPU: float32 and
+    float64; not bfloat16 or float16). Asked once per (device type, dtype) with a 1 × 1 product."""
+    key = (device.type, dtype)
+    if key not in _SDDMM_WORKS:
+        import warnings
+
+        try:
+            with warnings.catch_warnings(), torch.autocast(device.type, enabled=False):  # see csr_works
+                warnings.simplefilter("ignore")
+                one = torch.ones(1, 1, dtype=dtype, device=device)
+                s = torch.sparse_csr_tensor(torch.tensor([0, 1], dtype=torch.int32, device=device),
+                                            torch.zeros(1, dtype=torch.int32, device=device), one[0], (1, 1))
+                _SDDMM_WORKS[key] = bool((torch.sparse.sampled_addmm(s, one * 2, one * 3, beta=0.0).values() == 6).all())
+        except (RuntimeError, NotImplementedError, TypeError):
+            _SDDMM_WORKS[key] = False
+    return _SDDMM_WORKS[key]
+
+
+def csr_grad(dy: torch.Tensor, x: torch.Tensor, layout: Layout, dtype) -> torch.Tensor:
+    """(dyᵀ x) at the layout's support, in the support's order, by torch.sparse.sampled_addmm over its CSR
+    pattern: one dot product over the tokens per entry, nothing of out × in.
+
+    The kernel reads dyᵀ row-major and x column-major (other layouts it copies whole, unbounded): the tokens go
+    in chunks of ≤ _BLOCK_ELEMENTS // (out + in), each transposed into those layouts, accumulated with beta=1.
+    CPU, 1 thread, 2752 × 1024 at LoRA r=8's count: 1,024 tokens 13 ms, 128 tokens 1.2 ms, against 49 and 6.3 ms
+    for the dense dyᵀx read at the support."""
+    n, out_features = dy.shape
+    in_features = x.shape[1]
+    crow, col = layout.csr(out_features)
+    values = torch.zeros(col.numel(), dtype=dtype, device=dy.device)
+    acc = torch.sparse_csr_tensor(crow, col, values, (out_features, in_features), check_invariants=False)
+    step = max(1, _BLOCK_ELEMENTS // (out_features + in_features))
+    for t0 in range(0, n, step):
+        with _exact(dy):
+            acc = torch.sparse.sampled_addmm(acc, _transposed(dy[t0 : t0 + step], dtype), _transposed(x[t0 : t0 + step], dtype).t())
+    return acc.values()
+
+
+def _transposed(t: torch.Tensor, dtype) -> torch.Tensor:
+    """tᵀ as a fresh row-major tensor of `dtype`: one copy, whatever t's dtype and layout."""
+    return torch.empty(t.shape[1], t.shape[0], dtype=dtype, device=t.device).copy_(t.t())
 
 
 def row_blocks(indices: torch.Tensor, out_features: int, in_features: int, every_block: bool = False):
@@ -254,12 +351,14 @@ def _dense_rows(values, local, rows: int, in_features: int) -> torch.Tensor:
 def grad_at(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, dtype, layout: "Layout | None" = None) -> torch.Tensor:
     """(dyᵀ x).flatten()[indices]: the weight gradient at a sorted set of flat positions.
 
-    dy: (N, out), x: (N, in). A sampled product (O(N·k), temporaries of ≤ 3·_BLOCK_ELEMENTS entries)
-    unless `product_mode` says "dense"; then the dense gradient dyᵀx is formed one block of rows
-    (≤ _BLOCK_ELEMENTS entries) at a time and read at the support: for a layer of at most that
-    many entries the block is the whole out×in gradient, formed and dropped.
+    dy: (N, out), x: (N, in). With a `layout` and a dtype torch's SDDMM takes (CPU fp32/fp64), `csr_grad`.
+    Else a sampled product (O(N·k), temporaries of ≤ 3·_BLOCK_ELEMENTS entries) unless `product_mode` says
+    "dense"; then the dense gradient dyᵀx is formed one block of rows (≤ _BLOCK_ELEMENTS entries) at a time
+    and read at the support.
     """
     out_features, in_features = dy.shape[1], x.shape[1]
+    if layout is not None and sddmm_works(dy.device, dtype):
+        return csr_grad(dy, x, layout, dtype)
     if product_mode(dy.shape[0], indices.numel(), out_features, in_features) != "dense":
         return sampled_grad(dy, x, *_rows_cols(indices, in_features, layout), dtype)
     grad = torch.empty(indices.numel(), dtype=dtype, device=dy.device)
@@ -279,7 +378,7 @@ def _times_delta(a, values, indices, shape, transpose: bool, mode: str, layout: 
         # for dense row blocks (1024² at 1.6%: 4.8 against 18 ms)
         ptr, rows, order = layout.csr_t(out_features)
         delta_t = torch.sparse_csr_tensor(ptr, rows, values.detach()[order], (in_features, out_features), check_invariants=False)
-        return (delta_t @ a.t()).t()
+        return _csr_rows(delta_t, a)
     if mode == "gather":
         rows, cols = _rows_cols(indices, in_features, layout)
         src, dst = (rows, cols) if transpose else (cols, rows)
@@ -324,15 +423,17 @@ class SparseLinear(Function):
     """
 
     @staticmethod
-    def forward(ctx, x, values, indices, out_features: int, probe=None, layout=None):
+    def forward(ctx, x, values, indices, out_features: int, probe=None, layout=None, scale=1.0):
         shape = (out_features, x.shape[-1])
         x2 = _rows2d(x)
         ctx.mode = product_mode(x2.shape[0], values.numel(), *shape)
         y = _times_delta(x2.to(values.dtype), values, indices, shape, False, ctx.mode, layout)
+        if scale != 1.0:
+            y = y.mul_(scale) if y.is_contiguous() else y * scale
         keep_x = ctx.needs_input_grad[1] or probe is not None
         ctx.save_for_backward(x if keep_x else None, values, indices)
         ctx.x_meta = (x.shape, x.dtype)
-        ctx.probe, ctx.layout = probe, layout
+        ctx.probe, ctx.layout, ctx.scale = probe, layout, scale
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -341,39 +442,49 @@ class SparseLinear(Function):
         x_shape, x_dtype = ctx.x_meta
         dy2 = _rows2d(dy).to(values.dtype)
         shape = (dy2.shape[1], x_shape[-1])
+        scale = ctx.scale
         dx = dvalues = None
         if ctx.needs_input_grad[0]:
-            dx = _times_delta(dy2, values, indices, shape, True, ctx.mode, ctx.layout).reshape(x_shape).to(x_dtype)
+            dx = _times_delta(dy2, values, indices, shape, True, ctx.mode, ctx.layout)
+            if scale != 1.0:
+                dx = dx.mul_(scale) if dx.is_contiguous() else dx * scale
+            dx = dx.reshape(x_shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
             dvalues = grad_at(dy2, _rows2d(x), indices, values.dtype, ctx.layout)
+            if scale != 1.0:
+                dvalues.mul_(scale)
         if ctx.probe is not None:
-            _run_probe(ctx.probe, dy2, _rows2d(x))
-        return dx, dvalues, None, None, None, None
+            _run_probe(ctx.probe, dy2 if scale == 1.0 else dy2 * scale, _rows2d(x))
+        return dx, dvalues, None, None, None, None, None
 
 
 class MergedSparseLinear(Function):
     """The whole layer, x (W + Δ)ᵀ + b, for a frozen dense W and an unstructured Δ (optionally plus
-    a low-rank scaling·B·A, as DSEE and SLTrain have), in one GEMM per pass.
+    a low-rank scaling·B·A, as DSEE and SLTrain have), one GEMM per block of rows per pass.
 
     The sparse update alone costs a second product per pass (`SparseLinear`); folding Δ into a
-    scratch copy of W costs a copy instead, which is cheaper whenever the GEMM dominates. The
-    copy (`_merged`: a whole out×in tensor in W's dtype, not bounded by _BLOCK_ELEMENTS) is built
-    in forward and again in backward, never kept: what is saved is x (for the gradient at the
-    support) and references to W, b, values, indices, A and B. W and b get no gradient. In
-    backward the copy is still held while the gradient is formed (`grad_at`: blocks of dW above
-    the density threshold), so backward's transient peak is out×in plus up to two blocks of
-    _BLOCK_ELEMENTS entries (2× the weight for a layer of ≤ 2²² entries, measured by
-    benchmarks/peak.py). With a low-rank part, backward forms the weight gradient G = dyᵀx one
-    block of rows at a time (every block, whatever the density) and reads all three gradients
-    off it (values: G at the support; B: G·Aᵀ; A: Bᵀ·G), so the low-rank part costs r·out·in,
-    not extra passes over the tokens.
+    scratch copy of W costs a copy instead, which is cheaper when the GEMM dominates and no CSR
+    kernel applies (a prompt at inference, bf16 on CPU). The copy is made one block of rows at a time
+    (`_merged_blocks`: ≤ _BLOCK_ELEMENTS entries, in W's dtype), in forward and again in backward,
+    never kept: what is saved is x (for the gradient at the support) and references to W, b, values,
+    indices, A and B. W and b get no gradient. With a low-rank part, backward forms the weight
+    gradient G = dyᵀx one block of rows at a time (every block, whatever the density) and reads all
+    three gradients off it (values: G at the support; B: G·Aᵀ; A: Bᵀ·G), so the low-rank part costs
+    r·out·in, not extra passes over the tokens. Nothing of out × in is formed (beyond one block for
+    a layer of ≤ _BLOCK_ELEMENTS entries; under torch.compile, one block is the whole layer).
     W and values must share a dtype, so that no small delta is rounded away in the copy.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):
-        w = _merged(weight, values, indices, lora_a, lora_b, scaling)
-        y = torch.nn.functional.linear(x, w, bias)
+        y = None
+        for r0, r1, w in _merged_blocks(weight, values, indices, lora_a, lora_b, scaling):
+            if r1 - r0 == weight.shape[0]:
+                y = torch.nn.functional.linear(x, w, bias)
+                break
+            if y is None:
+                y = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.result_type(x, w))
+            y[..., r0:r1] = torch.nn.functional.linear(x, w, None if bias is None else bias[r0:r1])
         keep_x = ctx.needs_input_grad[3] or probe is not None or (lora_a is not None and any(ctx.needs_input_grad[6:8]))
         ctx.save_for_backward(x if keep_x else None, weight, values, indices, lora_a, lora_b)
         ctx.x_meta = (x.shape, x.dtype)
@@ -387,8 +498,11 @@ class MergedSparseLinear(Function):
         dy2 = _rows2d(dy)
         dx = dvalues = da = db = None
         if ctx.needs_input_grad[0]:
-            merged = _merged(weight, values, indices, lora_a, lora_b, ctx.scaling)
-            dx = (dy2.to(weight.dtype) @ merged).reshape(x_shape).to(x_dtype)
+            dyw = dy2.to(weight.dtype)
+            dx = dyw.new_zeros(dyw.shape[0], x_shape[-1])
+            for r0, r1, w in _merged_blocks(weight, values, indices, lora_a, lora_b, ctx.scaling):
+                dx.addmm_(dyw[:, r0:r1], w)
+            dx = dx.reshape(x_shape).to(x_dtype)
         if lora_a is not None and any(ctx.needs_input_grad[6:8]):
             dvalues, da, db = _grads_from_blocks(dy2.to(values.dtype), _rows2d(x), indices, lora_a, lora_b, ctx.scaling)
         elif ctx.needs_input_grad[3]:
@@ -398,13 +512,17 @@ class MergedSparseLinear(Function):
         return dx, None, None, dvalues, None, None, da, db, None
 
 
-def _merged(weight, values, indices, lora_a=None, lora_b=None, scaling=1.0) -> torch.Tensor:
-    """A fresh W + Δ (+ scaling·B·A): a whole out×in copy of the weight, in its dtype (no block bound)."""
-    merged = weight.detach().clone()
-    merged.view(-1).index_put_((indices.long(),), values.detach(), accumulate=True)
-    if lora_a is not None:
-        merged.addmm_(lora_b.detach(), lora_a.detach(), alpha=scaling)
-    return merged
+def _merged_blocks(weight, values, indices, lora_a=None, lora_b=None, scaling=1.0):
+    """(r0, r1, W[r0:r1] + Δ[r0:r1] (+ scaling·B[r0:r1]·A)) for each block of rows: fresh copies in W's dtype,
+    each ≤ _BLOCK_ELEMENTS entries (see row_blocks), made as the caller takes them."""
+    values = values.detach()
+    for r0, r1, a, b, local in row_blocks(indices, weight.shape[0], weight.shape[1], every_block=True):
+        block = weight[r0:r1].detach().clone()
+        if a < b:
+            block.view(-1).index_put_((local,), values[a:b], accumulate=True)
+        if lora_a is not None:
+            block.addmm_(lora_b[r0:r1].detach(), lora_a.detach(), alpha=scaling)
+        yield r0, r1, block
 
 
 def _grads_from_blocks(dy, x, indices, lora_a, lora_b, scaling):
@@ -497,16 +615,23 @@ class ColumnLinear(Function):
 
 
 class LowRankLinear(Function):
-    """Update of a low-rank Δ = scaling · B A, with A (r × in) and B (out × r).
+    """Update of a low-rank Δ = scaling · B A, with A (r × in) and B (out × r), added to `base` if given
+    (the output of the update's other parts: one GEMM writes the sum, so no third N × out tensor lives).
 
     Saves x only. The rank-r activation h = x Aᵀ that B's gradient needs is recomputed in
     backward (one N·in·r product) instead of being kept, as two chained linear layers would.
+    `base` gets dy itself as its gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling: float):
+    def forward(ctx, x, lora_a, lora_b, scaling: float, base=None):
         h = _rows2d(x).to(lora_a.dtype) @ lora_a.t()
-        y = (h @ lora_b.t()) * scaling
+        if base is None:
+            y = h @ lora_b.t()
+            if scaling != 1.0:
+                y.mul_(scaling)  # in place: a second N × out tensor here would raise the forward's peak
+        else:
+            y = torch.addmm(_rows2d(base), h, lora_b.t(), alpha=scaling)
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.save_for_backward(x if keep_x else None, lora_a, lora_b)
         ctx.x_meta = (x.shape, x.dtype)
@@ -528,7 +653,7 @@ class LowRankLinear(Function):
                 da = g.t() @ x2
             if ctx.needs_input_grad[2]:
                 db = (dy2.t() @ (x2 @ lora_a.t())) * ctx.scaling
-        return dx, da, db, None
+        return dx, da, db, None, dy if ctx.needs_input_grad[4] else None
 
 
 # A probe keeps statistics of data-dependent size (a running top-n): under torch.compile it runs eagerly,
@@ -538,15 +663,18 @@ def _run_probe(probe, dy: torch.Tensor, x: torch.Tensor) -> None:
     probe(dy, x)
 
 
-def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None) -> torch.Tensor:
+def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None, scale=1.0) -> torch.Tensor:
+    """scale · x Δᵀ (`scale` on the product: no k-sized copy of the values, and no N × out one of dy in backward)."""
     if not torch.is_grad_enabled():  # inference: the product alone, no autograd node (and no backward for a probe)
         x2 = _rows2d(x)
         if x2.dtype != values.dtype:
             x2 = x2.to(values.dtype)
         mode = product_mode(x2.shape[0], values.numel(), out_features, x.shape[-1])
         y = _times_delta(x2, values, indices, (out_features, x.shape[-1]), False, mode, layout)
+        if scale != 1.0:
+            y = y * scale
         return y.reshape(*x.shape[:-1], out_features)
-    return SparseLinear.apply(x, values, indices, out_features, probe, layout)
+    return SparseLinear.apply(x, values, indices, out_features, probe, layout, scale)
 
 
 def merged_sparse_linear(x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):
@@ -582,8 +710,12 @@ def contiguous_span(indices: torch.Tensor):
     return (start, stop) if stop - start == indices.numel() else None
 
 
-def low_rank_linear(x, lora_a, lora_b, scaling: float) -> torch.Tensor:
+def low_rank_linear(x, lora_a, lora_b, scaling: float, base=None) -> torch.Tensor:
+    """scaling · x Aᵀ Bᵀ, plus `base` (same shape and dtype as the result) if given."""
     if not torch.is_grad_enabled():  # inference: two thin products, no autograd node
-        y = torch.nn.functional.linear(torch.nn.functional.linear(x.to(lora_a.dtype), lora_a), lora_b)
+        h = torch.nn.functional.linear(x.to(lora_a.dtype), lora_a)
+        if base is not None:
+            return torch.addmm(_rows2d(base), _rows2d(h), lora_b.t(), alpha=scaling).reshape(base.shape)
+        y = torch.nn.functional.linear(h, lora_b)
         return y * scaling if scaling != 1.0 else y
-    return LowRankLinear.apply(x, lora_a, lora_b, scaling)
+    return LowRankLinear.apply(x, lora_a, lora_b, scaling, base)

@@ -16,7 +16,8 @@ this module is our reconstruction from the equations. Its choices:
   not of the clean one.
 - ε is never stored. It is regenerated from an integer seed in backward (as Flat-LoRA does), so
   a layer keeps no out×in tensor for backward, and W0 is never written to: removing the
-  perturbation is exact by construction.
+  perturbation is exact by construction. Each pass draws it one block of rows at a time (1 MiB in
+  fp32, each block from its own seed), so not even a transient out×in tensor is formed.
 - The LoRA update s·B·A is folded into the same scratch weight W0 + ε + s·B·A, so each pass is one
   GEMM. The scratch weight has to be built for the noise anyway, and adding a rank-r product to it
   costs r multiply-adds per weight, while LoRA's own path costs two thin GEMMs and an add over
@@ -35,6 +36,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.autograd import Function
+
+from . import ops
 
 
 # Bound, in elements, on the float32 block of W0 that row_sq_norms converts at a time (16 MiB).
@@ -139,32 +142,54 @@ def ggpo_row_std(
         return (var * (sigma**2 / n)).sqrt_()
 
 
-def perturbed_weight(
+def _block_seed(seed: int, block: int) -> int:
+    """The seed of the noise on one block of rows: `seed` itself for the first (a layer of one block draws
+    exactly Z(seed)), a distinct 63-bit mix of (seed, block) for the others."""
+    if block == 0:
+        return seed
+    z = (seed * 0x9E3779B97F4A7C15 + block * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 31)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 29)) & (2**63 - 1)
+
+
+def perturbed_blocks(
     weight: torch.Tensor,
     row_std: torch.Tensor,
     seed: int,
     lora_A: torch.Tensor | None = None,
     lora_B: torch.Tensor | None = None,
     scaling: float = 1.0,
-) -> torch.Tensor:
-    """A fresh tensor W0 + row_std[:, None] · Z (+ scaling · B · A), Z ~ N(0, 1) of W0's shape, in W0's dtype.
+):
+    """(r0, r1, W0[r0:r1] + row_std[r0:r1, None] · Z_b (+ scaling · B[r0:r1] · A)) for each block b of rows,
+    fresh tensors in W0's dtype of ≤ ops._BLOCK_ELEMENTS entries (1 MiB in fp32), made as the caller takes them:
+    no out × in tensor is formed for a layer larger than one block.
 
-    Z is drawn in float32 from a private torch.Generator on W0's device seeded with `seed`, so
-    the global RNG is untouched and the same seed gives the same tensor bit for bit, in forward
-    and again in backward. (float32 because it is the fastest exact draw: bf16 and float64 draws
-    are slower on CPU, and one dtype keeps Z the same whatever W0's dtype.) The sum is formed in
-    float32 (float64 for a float64 W0) and rounded to W0's dtype once: for a bf16 W0 this rounds
-    W0 + ε instead of adding an already rounded ε to W0. Peak memory is Z plus the result; for
-    an fp32 W0 the result is Z itself, updated in place.
+    Z_b ~ N(0, 1) is drawn in float32 from a private torch.Generator on W0's device seeded with
+    `_block_seed(seed, b)`, so the global RNG is untouched and the same seed gives the same blocks bit for
+    bit, in forward and again in backward. (float32 because it is the fastest exact draw: bf16 and float64
+    draws are slower on CPU, and one dtype keeps Z the same whatever W0's dtype.) The sum is formed in
+    float32 (float64 for a float64 W0) and rounded to W0's dtype once: for a bf16 W0 this rounds W0 + ε
+    instead of adding an already rounded ε to W0.
     """
     acc = _acc(weight)
+    out_features, in_features = weight.shape
+    step = max(1, ops._BLOCK_ELEMENTS // max(in_features, 1))
     gen = torch.Generator(device=weight.device)
-    gen.manual_seed(seed)
-    noise = torch.randn(weight.shape, generator=gen, dtype=torch.float32, device=weight.device).to(acc)
-    noise.mul_(row_std.detach().to(acc)[:, None]).add_(weight.detach())
-    if lora_A is not None:
-        noise.addmm_(lora_B.detach().to(acc), lora_A.detach().to(acc), alpha=scaling)
-    return noise.to(weight.dtype)
+    std = row_std.detach().to(acc)
+    for b, r0 in enumerate(range(0, out_features, step)):
+        r1 = min(r0 + step, out_features)
+        gen.manual_seed(_block_seed(seed, b))
+        noise = torch.randn((r1 - r0, in_features), generator=gen, dtype=torch.float32, device=weight.device).to(acc)
+        noise.mul_(std[r0:r1, None]).add_(weight[r0:r1].detach())
+        if lora_A is not None:
+            noise.addmm_(lora_B[r0:r1].detach().to(acc), lora_A.detach().to(acc), alpha=scaling)
+        yield r0, r1, noise.to(weight.dtype)
+
+
+def perturbed_weight(weight, row_std, seed: int, lora_A=None, lora_B=None, scaling: float = 1.0) -> torch.Tensor:
+    """The whole W0 + ε (+ scaling · B · A) that `PerturbedLinear` applies block by block, as one fresh tensor
+    (for inspection and tests: the layer itself never forms it)."""
+    return torch.cat([block for _, _, block in perturbed_blocks(weight, row_std, seed, lora_A, lora_B, scaling)])
 
 
 class PerturbedLinear(Function):
@@ -173,9 +198,10 @@ class PerturbedLinear(Function):
 
     Saves W0 (a reference to the frozen parameter), row_std (out floats), A and B (references),
     and x only if A or B needs a gradient (W0 gets none, so the noise alone needs no activation).
-    The seed is an int on ctx. Not ε or the scratch weight: backward rebuilds it from the seed
-    (perturbed_weight, same generator and dtype path) and returns dx = dy·(W0 + ε + s·B·A). A's
-    and B's gradients are LoRA's, from rank-r products: s·(dy·B)ᵀ·x and s·dyᵀ·(x·Aᵀ).
+    The seed is an int on ctx. Not ε or the scratch weight: each pass rebuilds it from the seed one
+    block of rows at a time (perturbed_blocks, same generator and dtype path), so no out × in tensor is
+    formed; backward returns dx = dy·(W0 + ε + s·B·A), summed over the blocks. A's and B's gradients
+    are LoRA's, from rank-r products: s·(dy·B)ᵀ·x and s·dyᵀ·(x·Aᵀ).
 
     x: (..., in), any float dtype; the GEMM runs in W0's dtype (x and b cast to it), y comes out
     in W0's dtype, dx in x's dtype, A's and B's gradients in theirs. W0, b and row_std get no gradient.
@@ -183,8 +209,16 @@ class PerturbedLinear(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, row_std, seed: int, lora_A=None, lora_B=None, scaling: float = 1.0):
-        w = perturbed_weight(weight, row_std, seed, lora_A, lora_B, scaling)
-        y = F.linear(x.to(w.dtype), w, None if bias is None else bias.to(w.dtype))
+        xw = x.to(weight.dtype)
+        bias = None if bias is None else bias.to(weight.dtype)
+        y = None
+        for r0, r1, w in perturbed_blocks(weight, row_std, seed, lora_A, lora_B, scaling):
+            if r1 - r0 == weight.shape[0]:
+                y = F.linear(xw, w, bias)
+                break
+            if y is None:
+                y = xw.new_empty(*x.shape[:-1], weight.shape[0])
+            y[..., r0:r1] = F.linear(xw, w, None if bias is None else bias[r0:r1])
         ctx.train_lora = lora_A is not None and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
         ctx.save_for_backward(weight, row_std, lora_A, lora_B, x if ctx.train_lora else None)
         ctx.seed, ctx.scaling = seed, scaling
@@ -196,8 +230,11 @@ class PerturbedLinear(Function):
         weight, row_std, lora_A, lora_B, x = ctx.saved_tensors
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            w = perturbed_weight(weight, row_std, ctx.seed, lora_A, lora_B, ctx.scaling)
-            dx = (dy.to(w.dtype) @ w).to(ctx.x_dtype)
+            dyw = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
+            dx = dyw.new_zeros(dyw.shape[0], weight.shape[1])
+            for r0, r1, w in perturbed_blocks(weight, row_std, ctx.seed, lora_A, lora_B, ctx.scaling):
+                dx.addmm_(dyw[:, r0:r1], w)
+            dx = dx.reshape(*dy.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.train_lora:
             dy2 = dy.reshape(-1, dy.shape[-1]).to(lora_B.dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(lora_A.dtype)

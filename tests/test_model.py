@@ -282,9 +282,13 @@ def test_trainable_token_indices_train_save_and_merge(tmp_path):
     assert torch.allclose(merged(x).logits, out, atol=1e-5)
 
 
-def test_fused_layer_path_equals_the_general_path():
-    """A frozen fp32 nn.Linear with an unstructured delta runs as one GEMM against W + Δ; a forward
-    hook on the base layer (which that path would skip) sends it down the general path instead."""
+def test_fused_layer_path_equals_the_general_path(monkeypatch):
+    """Where no CSR kernel and sampled gradient apply (bf16 on CPU), a frozen nn.Linear with an unstructured
+    delta trains as one GEMM per block against W + Δ; a forward hook on the base layer (which that path
+    would skip) sends it down the general path instead. Where they apply (fp32 here), training takes the
+    general path anyway: it forms nothing of out × in."""
+    from sparse_peft import ops
+
     from .conftest import tiny_llama
 
     x = torch.randint(0, 128, (2, 9))
@@ -294,7 +298,10 @@ def test_fused_layer_path_equals_the_general_path():
     for module in general.modules():
         if isinstance(module, SparseLayer):
             module.get_base_layer().register_forward_hook(lambda *a: None)
-    names = {type(fused.base_model.model.model.layers[0].self_attn.q_proj(torch.randn(1, 32, requires_grad=True)).grad_fn).__name__}
+    q_proj = fused.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj(torch.randn(1, 32, requires_grad=True)).grad_fn).__name__ == "AddBackward0"
+    monkeypatch.setattr(ops, "sddmm_works", lambda device, dtype: False)
+    names = {type(q_proj(torch.randn(1, 32, requires_grad=True)).grad_fn).__name__}
     assert names == {"MergedSparseLinearBackward"}
     outs = []
     for model in (fused, general):

@@ -271,3 +271,77 @@ def test_gradcheck_sparse_through_a_layout(kernel_path):
     v = torch.randn(9, dtype=D, requires_grad=True)
     assert ops.csr_works(v.device, D)
     assert gradcheck(lambda x, v: ops.sparse_linear(x, v, layout.indices, OUT, None, layout), (_x(), v))
+
+
+@pytest.mark.parametrize("block", [None, 2 * (OUT + IN)])
+def test_csr_grad_is_the_dense_gradient_at_the_support(block, monkeypatch):
+    # torch's SDDMM over the layout's CSR pattern, the tokens in chunks (2 per chunk with the small bound)
+    if block:
+        monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", block)
+    flat, rows, cols = _support(13)
+    layout = ops.Layout(flat.int(), IN)
+    dy, x = torch.randn(5, OUT, dtype=D), torch.randn(5, IN, dtype=torch.float32)
+    assert ops.sddmm_works(dy.device, D) and not ops.sddmm_works(dy.device, torch.bfloat16)
+    got = ops.grad_at(dy, x, flat.int(), D, layout)
+    assert got.dtype == D
+    torch.testing.assert_close(got, (dy.t() @ x.double())[rows, cols])
+    # an empty support
+    empty = ops.Layout(torch.zeros(0, dtype=torch.int32), IN)
+    assert ops.grad_at(dy, x, empty.indices, D, empty).shape == (0,)
+
+
+def test_fused_path_forms_no_whole_scratch_weight(monkeypatch):
+    # several blocks of rows: forward and dx from block-wise W + Δ (+ s·B·A), never a whole out × in copy
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 3 * IN)
+    flat, _, _ = _support(9)
+    w, b = torch.randn(OUT, IN, dtype=D), torch.randn(OUT, dtype=D)
+    v = torch.randn(9, dtype=D, requires_grad=True)
+    a, bb = torch.randn(2, IN, dtype=D, requires_grad=True), torch.randn(OUT, 2, dtype=D, requires_grad=True)
+    x = torch.randn(4, IN, dtype=D, requires_grad=True)
+    from tests.test_perturbation import _LargestOutputs
+
+    with _LargestOutputs() as seen:
+        y = ops.merged_sparse_linear(x, w, b, v, flat.int(), None, a, bb, 0.5)
+        grads = torch.autograd.grad(y.pow(2).sum(), (x, v, a, bb))
+    assert seen.largest[D] < OUT * IN
+    ref = x @ (w + Delta(OUT, IN, values=v, indices=flat.int(), lora_A=a, lora_B=bb, scaling=0.5).dense()).t() + b
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(grads, torch.autograd.grad(ref.pow(2).sum(), (x, v, a, bb))):
+        torch.testing.assert_close(got, want)
+
+
+def test_scratch_pays_only_where_no_kernel_beats_it():
+    flat, _, _ = _support(9)
+    layout = ops.Layout(flat.int(), IN)
+    v = torch.zeros(9, requires_grad=True)
+    many = 10_000
+    with torch.enable_grad():  # training with the CSR kernels and torch's SDDMM: never a scratch W
+        assert not ops.scratch_pays(many, v, layout, OUT, IN)
+        # no layout (torch.compile) or bf16 on CPU: no CSR kernel, the fused path
+        assert ops.scratch_pays(many, v, None, OUT, IN)
+        assert ops.scratch_pays(many, v.detach().bfloat16().requires_grad_(), layout, OUT, IN)
+    with torch.no_grad():  # inference: the copy once there are enough tokens to pay for it, never for a gather
+        assert ops.scratch_pays(many, v, layout, OUT, IN)
+        assert not ops.scratch_pays(1, v, layout, OUT, IN)
+
+
+def test_kernel_probes_and_products_ignore_autocast(monkeypatch):
+    # asked first inside a bf16 autocast region (a mixed-precision Trainer run), the probes still answer for
+    # fp32, and the CSR products run in fp32 there (torch would cast them to bf16, which its kernels lack)
+    monkeypatch.setattr(ops, "_CSR_WORKS", {})
+    monkeypatch.setattr(ops, "_SDDMM_WORKS", {})
+    flat, rows, cols = _support(9)
+    layout = ops.Layout(flat.int(), IN)
+    v = torch.randn(9, requires_grad=True)
+    x = torch.randn(6, IN, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.csr_works(v.device, torch.float32) and ops.sddmm_works(v.device, torch.float32)
+        y = ops.sparse_linear(x, v, layout.indices, OUT, None, layout)
+        dx, dv = torch.autograd.grad(y.pow(2).sum(), (x, v))
+    dense = Delta(OUT, IN, values=v, indices=flat.int()).dense()
+    ref = x @ dense.t()
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, ref)
+    rdx, rdv = torch.autograd.grad(ref.pow(2).sum(), (x, v))
+    torch.testing.assert_close(dx, rdx)
+    torch.testing.assert_close(dv, rdv)

@@ -377,3 +377,24 @@ def test_a_non_finite_gradient_drops_the_beta_term_of_its_rows_only():
     assert std[3] == no_grad[3]
     keep = torch.arange(OUT) != 3
     torch.testing.assert_close(std[keep], with_grad[keep])
+
+
+def test_noise_is_drawn_one_block_of_rows_at_a_time(monkeypatch):
+    # blocks of 5 rows: each from its own seed, the first from the seed itself; no out × in tensor formed
+    from sparse_peft import ops
+
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 5 * IN)
+    w, std = torch.randn(OUT, IN), torch.rand(OUT)
+    a, b, _, _ = _lora(torch.float32)
+    whole = P.perturbed_weight(w, std, 7, a, b, 0.5)
+    assert torch.equal(whole[:5], w[:5] + std[:5, None] * _z(7, (5, IN)) + 0.5 * b[:5] @ a)
+    noise = whole - w - 0.5 * b @ a
+    assert not torch.allclose(noise[5:10], noise[:5])  # distinct seeds per block
+    x = torch.randn(3, IN, dtype=D, requires_grad=True)
+    with _LargestOutputs() as seen:
+        y = P.perturbed_linear(x.float(), w, None, std, 7, a.requires_grad_(), b.requires_grad_(), 0.5)
+        dx, da = torch.autograd.grad(y.pow(2).sum(), (x, a))
+    assert seen.largest[torch.float32] < OUT * IN
+    ref = x.float() @ whole.t()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(dx.float(), 2 * ref @ whole)
