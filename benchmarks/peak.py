@@ -1,6 +1,6 @@
 """The true peak memory of one training step, every method against PEFT LoRA at its trainable count.
 
-    python benchmarks/peak.py                 # CPU, about two minutes; prints the table (Markdown)
+    python benchmarks/peak.py                 # CPU, about eight minutes; prints the tables (Markdown)
     python benchmarks/peak.py --no-wide       # the hidden-256 model only, well under a minute
 
 `saved for backward` (benchmarks/run.py) counts what autograd keeps between forward and backward;
@@ -16,10 +16,12 @@ Models: the benchmark's byte-level Llama (hidden 256, 4 layers; benchmarks/run.p
 1 × 128 tokens per step, and a wide one (hidden 1024, intermediate 2752, 2 layers) at 1 × 128 and
 4 × 256 tokens; random weights (memory does not depend on them), fp32. Adapters as in run.py:
 each method's preset at PEFT LoRA r=8's trainable count on the seven projections (S²FT: LoRA's
-total over the seven, on o_proj and down_proj). Step 1 opens SpIEL's first gradient window (its
-probe forms the dense weight gradient of each layer, one block of rows at a time); steps 2-3 are
-the steady state. AdamW's state is created before step 1 (a zero-gradient step, which changes no
-weight), so that it counts as existing memory, not as step 1's peak. The wide model has 2 layers, so
+total over the seven, on o_proj and down_proj). Steps 1-4 are the start: SpIEL's first gradient window
+opens at step 1 (its probe forms the weight gradient of each layer, one block of rows at a time), and
+RoSA's warm-up (benchmarks/run.py's 4 steps) pools gradient statistics until its mask is chosen;
+steps 5-7 are the steady state (SaRA penalises the 2752-row gate and up projections there). AdamW's
+state is created before step 1 (a zero-gradient step, which changes no weight), so that it counts as
+existing memory, not as step 1's peak. The wide model has 2 layers, so
 S²FT's whole heads round its count up (the trainable column shows it).
 
 Then one layer at a time, path by path: each path of sparse_peft/ops.py (gather aside), GGPO's
@@ -61,7 +63,8 @@ def _load_run():
 run = _load_run()
 
 MiB = 2**20
-STEPS = 3  # measured steps per setup
+START = run.MASK_WARMUP  # steps 1-4: SpIEL's first window opens, RoSA's warm-up runs
+STEPS = START + 3  # measured steps per setup: the start, then the steady state
 TOTAL_STEPS = 30  # the schedule's run length, as run.py's (SpIEL's window is open at step 1)
 
 
@@ -119,7 +122,8 @@ def measure(hidden: int, layers: int, batch: int, seq: int, device: str = "cpu")
             with peak_memory(device) as peak:
                 step(model, opt, scheduler, ids)
             peaks.append(peak.bytes)
-        rows.append(dict(name=name, trainable=trainable, saved=saved.bytes, first=peaks[0], steady=max(peaks[1:])))
+        rows.append(dict(name=name, trainable=trainable, saved=saved.bytes, first=max(peaks[:START]),
+                         steady=max(peaks[START:])))
         del model, opt, scheduler
         gc.collect()
     largest = max(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Linear)) * 4
@@ -135,8 +139,9 @@ def table(rows: list[dict]) -> str:
     largest = rows[0]["largest"] / MiB
     head = f"Hidden {hidden}, {layers} layers, {batch} × {seq} tokens (largest weight: {largest:.2f} MiB in fp32)"
     return head + ":\n\n" + run.markdown(
-        ["setup", "trainable", "saved for backward (MiB)", "peak, step 1 (MiB)", "peak, steps 2-3 (MiB)",
-         "saved / LoRA", "peak step 1 / LoRA", "peak steps 2-3 / LoRA"], body)
+        ["setup", "trainable", "saved for backward (MiB)", f"peak, steps 1-{START} (MiB)",
+         f"peak, steps {START + 1}-{STEPS} (MiB)", "saved / LoRA", f"peak steps 1-{START} / LoRA",
+         f"peak steps {START + 1}-{STEPS} / LoRA"], body)
 
 
 # -- one layer, path by path -----------------------------------------------------------------------
@@ -171,6 +176,7 @@ def _layer_paths(out_f: int, in_f: int, n: int, device: str = "cpu"):
     idx, v = support(budget)
     idx_small, v_small = support(size // 1000)  # 0.1 %: below the threshold, the sparse kernels
     idx_half, v_half = support(budget // 2)
+    layout, layout_half = ops.Layout(idx, in_f), ops.Layout(idx_half, in_f)  # what a layer keeps per support
     a, b = rand(8, in_f, scale=0.01, grad=True), zeros(out_f, 8)
     a4, b4 = rand(4, in_f, scale=0.01, grad=True), zeros(out_f, 4)
     rows, row_block = torch.arange(budget // in_f, device=device).int(), zeros(budget // in_f, in_f)
@@ -189,6 +195,10 @@ def _layer_paths(out_f: int, in_f: int, n: int, device: str = "cpu"):
         ("unstructured 0.10%, sparse kernels",
          lambda: F.linear(x, w) + ops.sparse_linear(x, v_small, idx_small, out_f)),
         (f"unstructured {density:.2%}, row blocks", lambda: F.linear(x, w) + ops.sparse_linear(x, v, idx, out_f)),
+        (f"unstructured {density:.2%}, CSR + sampled gradient (training's path)",
+         lambda: F.linear(x, w) + ops.sparse_linear(x, v, idx, out_f, None, layout)),
+        (f"unstructured {density / 2:.2%} + r=4, CSR + sampled gradient, one op",
+         lambda: F.linear(x, w) + ops.sparse_linear(x, v_half, idx_half, out_f, None, layout_half, 1.0, a4, b4, 1.0)),
         (f"unstructured {density:.2%}, fused one GEMM", lambda: ops.merged_sparse_linear(x, w, None, v, idx)),
         (f"unstructured {density / 2:.2%} + r=4, fused one GEMM",
          lambda: ops.merged_sparse_linear(x, w, None, v_half, idx_half, None, a4, b4, 1.0)),

@@ -19,8 +19,8 @@ The mixed batch: 8 sequences, `adapter_names` cycling over three adapters of the
 
 The step peaks: benchmarks/peak.py's measurement (every allocation of forward, backward, the method's
 schedule, AdamW and zero_grad replayed; byte counts, exact, independent of load) on its models, hidden
-256 (4 layers) and 1024 (2 layers), at 1 × 128 and 4 × 256 tokens: the steady state (steps 2-3) and, in
-brackets where it differs, step 1 (SpIEL opens its first gradient window there, RoSA's warm-up runs).
+256 (4 layers) and 1024 (2 layers), at 1 × 128 and 4 × 256 tokens: the steady state (steps 5-7) and, in
+brackets where it differs, the start (steps 1-4: SpIEL opens its first gradient window, RoSA's warm-up runs).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def peak_table(hiddens: list[int], names: list[str]) -> str:
                 text = f"{steady:.2f}" + (f" ({first:.2f})" if abs(first - steady) >= 0.005 else "")
                 cells.setdefault(r["name"], {})[column] = text
             cells.setdefault("PEFT LoRA (MiB)", {})[column] = f"{lora['steady'] / 2**20:.2f}"
-    lines = ["True peak of one training step / PEFT LoRA's (steps 2-3; step 1 in brackets where it differs)", "",
+    lines = ["True peak of one training step / PEFT LoRA's (steps 5-7; steps 1-4 in brackets where they differ)", "",
              "| setup | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for name, row in cells.items():
         lines.append(f"| {name} | " + " | ".join(row[c] for c in columns) + " |")

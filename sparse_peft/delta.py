@@ -122,19 +122,21 @@ class Delta:
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         """x ΔWᵀ for x of shape (..., in), in the adapter's dtype, through the autograd ops."""
         y = None
+        low_rank = self.lora_A is not None
         if self.values is not None and self.values.numel():
             # the scale (DSEE's alpha / r) inside the op, on the product, not on the values: no k-sized copy per
             # call, the stored values themselves reach the op (whose CSR matrix over them is kept between calls),
-            # and backward forms no scaled copy of dy
+            # and backward forms no scaled copy of dy. A low-rank part joins the same op (added in place).
+            lora = (self.lora_A, self.lora_B, self.scaling) if low_rank else ()
             y = ops.sparse_linear(x, self.effective_values(scaled=False), self.indices, self.out_features, self.probe,
-                                  self.layout, self.sparse_scale)
+                                  self.layout, self.sparse_scale, *lora)
+            low_rank = False
         if self.row_block is not None:
             y = _add(y, ops.row_linear(x, self._scaled(self.row_block), self.row_index, self.out_features, self.row_span))
         if self.col_block is not None:
             y = _add(y, ops.column_linear(x, self._scaled(self.col_block), self.col_index, self.col_span))
-        if self.lora_A is not None:
-            # on top of the sparse parts' output in one op: no third N × out tensor alive at once (as y + BAx)
-            y = ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling, y)
+        if low_rank:
+            y = _add(y, ops.low_rank_linear(x, self.lora_A, self.lora_B, self.scaling))
         if y is None:  # an empty support (a threshold no entry of this layer passes)
             y = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.values.dtype)
         return y
@@ -170,23 +172,35 @@ class Delta:
         return None if part.is_empty else part
 
     @torch.no_grad()
-    def dense_grad_parts(self, dense_grad: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The gradient of a function of the dense (out × in) ΔW with respect to each sparse part, by the
-        part's name (VALUES, ROW_BLOCK, COL_BLOCK); frozen slots get none. For penalties applied between
-        backward and the optimizer step, so that no autograd graph runs through them."""
-        g = dense_grad * self.sparse_scale
+    def factor_grad_parts(self, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The gradient of ⟨G, ΔW⟩ with respect to each sparse part, by the part's name (VALUES, ROW_BLOCK,
+        COL_BLOCK), for G = left · right given by its factors (left: out × q, right: q × in; a nuclear norm's
+        U·Vᵀ); frozen slots get none. G is read at the support only, never formed: for the values, one dot
+        product of length q per entry, in chunks of ≤ ops._BLOCK_ELEMENTS // q entries. For penalties applied
+        between backward and the optimizer step, so that no autograd graph runs through them."""
+        left, right = left * self.sparse_scale, right.t()
         parts = {}
         if self.values is not None and self.values.numel():
             rows, cols = self.rows_cols()
-            part = g[rows, cols]
+            part = torch.empty(rows.numel(), dtype=left.dtype, device=left.device)
+            step = max(1, ops._BLOCK_ELEMENTS // max(1, left.shape[1]))
+            for a in range(0, rows.numel(), step):
+                part[a : a + step] = torch.linalg.vecdot(left[rows[a : a + step]], right[cols[a : a + step]])
             if self.frozen_slots is not None and self.frozen_slots.numel():
                 part[self.frozen_slots.long()] = 0
             parts[VALUES] = part
         if self.row_block is not None:
-            parts[ROW_BLOCK] = g[self.row_index.long()]
+            parts[ROW_BLOCK] = left[self.row_index.long()] @ right.t()
         if self.col_block is not None:
-            parts[COL_BLOCK] = g[:, self.col_index.long()]
+            parts[COL_BLOCK] = left @ right[self.col_index.long()].t()
         return parts
+
+    def sparse_matrix(self) -> torch.Tensor:
+        """The sparse parts as one coalesced sparse COO (out × in) float32 tensor (repeats summed), for
+        factorisations that only multiply by it (torch.svd_lowrank): nothing of out × in is formed."""
+        positions, values = self.sparse_entries()
+        rows, cols = positions // self.in_features, positions % self.in_features
+        return torch.sparse_coo_tensor(torch.stack([rows, cols]), values.float(), (self.out_features, self.in_features)).coalesce()
 
     def num_sparse(self) -> int:
         return sum(t.numel() for t in (self.values, self.row_block, self.col_block) if t is not None)

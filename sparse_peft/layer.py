@@ -548,7 +548,8 @@ class Linear(_Module):
             return None
         if delta.lora_A is not None and delta.lora_A.dtype != weight.dtype:
             return None
-        if not ops.scratch_pays(x.numel() // x.shape[-1], delta.values, delta.layout, *weight.shape):
+        training = self.training and torch.is_grad_enabled()
+        if not ops.scratch_pays(x.numel() // x.shape[-1], delta.values, delta.layout, *weight.shape, training):
             return None  # the base layer's GEMM plus the update's own product (CSR, or a gather) is the faster path
         return ops.merged_sparse_linear(
             x, weight, bias, delta.effective_values(), delta.indices, delta.probe, delta.lora_A, delta.lora_B, delta.scaling

@@ -97,22 +97,31 @@ def product_mode(n_tokens: int, k: int, out_features: int, in_features: int) -> 
 # tokens · k entries) once tokens · k ≥ SCRATCH_ABOVE · out · in. CPU, 1 thread, 2752 × 1024 at LoRA r=8's
 # count: the CSR product costs ~0.3 ns per token·entry, the blocked copy ~0.9 ns per weight entry.
 SCRATCH_ABOVE = 3.0
+# In training, the CSR path's three sparse products (~1 ns per token·entry together) against the fused path's
+# dense dW (~0.025 ns per token·weight entry): the fused path is faster above ~2.5% density. Training steps
+# (CPU, 1 thread, 4 × 256 tokens, LoRA r=8's count) per LoRA's, CSR against fused: hidden 1024 (1.1%) SpIEL
+# 1.52 vs 1.67, DSEE 1.24 vs 1.33; hidden 256 (4.3%) SpIEL 1.53 vs 1.02, DSEE 1.53 vs 0.99.
+SCRATCH_TRAIN_ABOVE_DENSITY = 0.02
 
 
-def scratch_pays(n_tokens: int, values: torch.Tensor, layout: "Layout | None", out_features: int, in_features: int) -> bool:
+def scratch_pays(n_tokens: int, values: torch.Tensor, layout: "Layout | None", out_features: int, in_features: int,
+                 training: bool) -> bool:
     """Whether a layer should take the fused one-GEMM path (a scratch W + Δ, in blocks of rows) for a call of
     `n_tokens` tokens, rather than the base layer's GEMM plus the update's own product.
 
-    Training: never where the CSR kernels and the sampled gradient run (they form nothing of out × in, and the
-    fused path's dense dW costs more than the SDDMM: 1,024 tokens, 49 against 13 ms); elsewhere (bf16 on CPU)
-    unless the call is gather-sized. Inference: with CSR, when the copy is cheaper than the product."""
+    Training: where the CSR kernels and the sampled gradient run, only above SCRATCH_TRAIN_ABOVE_DENSITY (below
+    it they are faster, and form nothing of out × in: 1,024 tokens of 2752 × 1024 at 1.1%, the gradient at the
+    support 13 against 49 ms for the dense dW); elsewhere (bf16 on CPU) unless the call is gather-sized.
+    Inference (or a forward in eval mode): with CSR, when the copy is cheaper than the product. Either way its
+    scratch is ≤ one block. The caller's `training` is the module's mode with autograd on, not whether the
+    values require grad: a model and its reloaded, frozen copy then take the same path, bit for bit."""
     k = values.numel()
     if product_mode(n_tokens, k, out_features, in_features) == "gather":
         return False  # few tokens (decoding): the update's own product beats any scratch W
     if layout is None or not csr_works(values.device, values.dtype):
         return True
-    if torch.is_grad_enabled() and values.requires_grad:
-        return not sddmm_works(values.device, values.dtype)
+    if training:
+        return not sddmm_works(values.device, values.dtype) or k >= SCRATCH_TRAIN_ABOVE_DENSITY * out_features * in_features
     return n_tokens * k >= SCRATCH_ABOVE * out_features * in_features
 
 
@@ -134,8 +143,10 @@ class Layout:
     k entries) they were a fifth of a decoding step. A layer keeps one Layout per support and asks it
     for them; they are made the first time they are needed and kept until the support changes (the
     layer compares the index buffer's version: every in-place write, a regrowth, bumps it).
-    Derived state, never saved or trained: int64 rows and columns, 16 bytes per entry (index_add_ and
-    index_select with int32 indices are many times slower on CPU), made only by a path that uses them.
+    Derived state, never saved or trained, each form made only by a path that uses it: the CSR pattern
+    (4 bytes per entry) and Δᵀ's (8 bytes per entry) for the CSR paths; int64 rows and columns (16 bytes per
+    entry: index_add_ and index_select with int32 indices are many times slower on CPU) for the gather and
+    COO paths, where no CSR kernel runs.
     """
 
     __slots__ = ("indices", "version", "in_features", "_rows_cols", "_csr", "_csr_t", "_matrix")
@@ -165,13 +176,14 @@ class Layout:
 
     def csr_t(self, out_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Δᵀ's CSR pattern: (column pointers, row of each entry) int32, and `order`, the entries sorted by column
-        (values[order] are Δᵀ's values). For the backward's dx; 16 bytes per entry."""
+        (values[order] are Δᵀ's values), int32. For the backward's dx; 8 bytes per entry. The int64 rows and
+        columns it is made from are not kept (16 bytes per entry, four times the values' own)."""
         if self._csr_t is None:
-            rows, cols = self.rows_cols()
+            rows, cols = self._rows_cols if self._rows_cols is not None else split_flat(self.indices, self.in_features)
             order = torch.argsort(cols * out_features + rows)
             ptr = torch.zeros(self.in_features + 1, dtype=torch.int32, device=rows.device)
             ptr[1:] = torch.bincount(cols, minlength=self.in_features).cumsum(0)
-            self._csr_t = (ptr, rows[order].to(torch.int32), order)
+            self._csr_t = (ptr, rows[order].to(torch.int32), order.to(torch.int32))
         return self._csr_t
 
 
@@ -229,13 +241,21 @@ def _csr_rows(matrix: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     with _exact(a):
         if a.shape[0] == 1:
             return torch.mv(matrix, a[0])[None]
-        step = max(1, _BLOCK_ELEMENTS // sum(matrix.shape))
+        step = _token_chunk(a.shape[0], sum(matrix.shape))
         if a.shape[0] <= step:
             return (matrix @ a.t()).t()
         result = a.new_empty(a.shape[0], matrix.shape[0], dtype=matrix.dtype)
         for t0 in range(0, a.shape[0], step):
             result[t0 : t0 + step] = (matrix @ a[t0 : t0 + step].t()).t()
         return result
+
+
+def _token_chunk(n_tokens: int, width: int) -> int:
+    """Tokens per chunk of a CSR product or SDDMM whose copies are `width` entries per token: ≤ _BLOCK_ELEMENTS
+    entries, and ≤ an eighth of the call's tokens (at least 16), so that with few tokens, where a layer's
+    activations are small, its transients stay small beside them (1 × 128 tokens of a 1024-wide model: the
+    step's peak 1.03x LoRA's with chunks of 69 tokens, 1.02x with 16)."""
+    return min(max(1, _BLOCK_ELEMENTS // width), max(16, n_tokens // 8))
 
 
 def _exact(t: torch.Tensor):
@@ -310,7 +330,7 @@ def csr_grad(dy: torch.Tensor, x: torch.Tensor, layout: Layout, dtype) -> torch.
     crow, col = layout.csr(out_features)
     values = torch.zeros(col.numel(), dtype=dtype, device=dy.device)
     acc = torch.sparse_csr_tensor(crow, col, values, (out_features, in_features), check_invariants=False)
-    step = max(1, _BLOCK_ELEMENTS // (out_features + in_features))
+    step = _token_chunk(n, out_features + in_features)
     for t0 in range(0, n, step):
         with _exact(dy):
             acc = torch.sparse.sampled_addmm(acc, _transposed(dy[t0 : t0 + step], dtype), _transposed(x[t0 : t0 + step], dtype).t())
@@ -403,59 +423,78 @@ def _times_delta(a, values, indices, shape, transpose: bool, mode: str, layout: 
 
 
 class SparseLinear(Function):
-    """Update of an unstructured sparse Δ: Δ.flatten()[indices[j]] = values[j], zero elsewhere.
+    """Update of an unstructured sparse Δ: Δ.flatten()[indices[j]] = values[j], zero elsewhere, times
+    `scale`; plus, if given, a low-rank part scaling · B A (A: r × in, B: out × r; DSEE, SLTrain, RoSA).
 
     Saves x (the gradient at the support, dv_j = Σ_n dy[n, row_j] · x[n, col_j], needs the
-    columns it touches, which at any useful density is all of them), values (a reference to the
-    parameter, for dx) and the flat indices, which must be sorted and unique.
+    columns it touches, which at any useful density is all of them; A's and B's need it too),
+    references to values, A and B (for dx), and the flat indices, which must be sorted and unique.
+    The low-rank part lives in the same function so that its output and its dx are added in place
+    to the sparse part's (addmm): two separate functions would hold one N × out and one N × in tensor
+    more at once, which with few tokens is most of what a step holds beyond LoRA's.
 
-    Nothing of size out×in is saved or lives past a call; what is formed within one depends on
-    `product_mode`. With few tokens the products are a gather and a scatter-add over the support,
-    and below SPARSE_KERNEL_BELOW_DENSITY they are sparse kernels and a sampled gradient: nothing
-    of out×in either way. Above it they are dense GEMMs on blocks of rows of Δ (forward, dx) and
-    of dW = dyᵀx (the gradient, read at the support), each ≤ _BLOCK_ELEMENTS entries (16 MiB in
-    fp32), up to two alive at once: a layer of at most 2²² entries is one block, so its whole
-    dense Δ and dW are formed, one after the other, and dropped.
+    Nothing of size out×in is saved or lives past a call; what is formed within one depends on the
+    path (CSR products and torch's SDDMM, or per `product_mode` a gather, sparse kernels, or dense
+    row blocks of ≤ _BLOCK_ELEMENTS entries): see the module docstring.
 
-    `probe`, if given, is called in backward as probe(dy, x) with dy (N × out) and x (N × in): a
-    way for a schedule to look at gradients outside the support (SpIEL's regrowth) without this
-    function knowing why.
+    `probe`, if given, is called in backward as probe(dy, x) with dy (N × out, the gradient of the
+    sparse part's output) and x (N × in): a way for a schedule to look at gradients outside the
+    support (SpIEL's regrowth) without this function knowing why.
     """
 
     @staticmethod
-    def forward(ctx, x, values, indices, out_features: int, probe=None, layout=None, scale=1.0):
+    def forward(ctx, x, values, indices, out_features: int, probe=None, layout=None, scale=1.0,
+                lora_a=None, lora_b=None, scaling=1.0):
         shape = (out_features, x.shape[-1])
         x2 = _rows2d(x)
         ctx.mode = product_mode(x2.shape[0], values.numel(), *shape)
         y = _times_delta(x2.to(values.dtype), values, indices, shape, False, ctx.mode, layout)
         if scale != 1.0:
             y = y.mul_(scale) if y.is_contiguous() else y * scale
-        keep_x = ctx.needs_input_grad[1] or probe is not None
-        ctx.save_for_backward(x if keep_x else None, values, indices)
+        if lora_a is not None:
+            with _exact(x2):  # in the adapter's dtype, as the sparse part: autocast would give a bf16 h to add into y
+                h = x2.to(lora_a.dtype) @ lora_a.t()
+                y = y.addmm_(h, lora_b.t(), alpha=scaling) if y.is_contiguous() else torch.addmm(y, h, lora_b.t(), alpha=scaling)
+        keep_x = ctx.needs_input_grad[1] or probe is not None or (lora_a is not None and any(ctx.needs_input_grad[7:9]))
+        ctx.save_for_backward(x if keep_x else None, values, indices, lora_a, lora_b)
         ctx.x_meta = (x.shape, x.dtype)
-        ctx.probe, ctx.layout, ctx.scale = probe, layout, scale
+        ctx.probe, ctx.layout, ctx.scale, ctx.scaling = probe, layout, scale, scaling
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
     def backward(ctx, dy):
-        x, values, indices = ctx.saved_tensors
+        x, values, indices, lora_a, lora_b = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
         dy2 = _rows2d(dy).to(values.dtype)
+        with _exact(dy2):
+            return SparseLinear._backward(ctx, dy2, x, values, indices, lora_a, lora_b, x_shape, x_dtype)
+
+    @staticmethod
+    def _backward(ctx, dy2, x, values, indices, lora_a, lora_b, x_shape, x_dtype):
         shape = (dy2.shape[1], x_shape[-1])
         scale = ctx.scale
-        dx = dvalues = None
+        dx = dvalues = da = db = None
+        g = None if lora_a is None else (dy2.to(lora_b.dtype) @ lora_b) * ctx.scaling  # gradient at h = x Aᵀ, N × r
         if ctx.needs_input_grad[0]:
             dx = _times_delta(dy2, values, indices, shape, True, ctx.mode, ctx.layout)
             if scale != 1.0:
                 dx = dx.mul_(scale) if dx.is_contiguous() else dx * scale
+            if g is not None:
+                dx = dx.addmm_(g, lora_a) if dx.is_contiguous() else torch.addmm(dx, g, lora_a)
             dx = dx.reshape(x_shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
             dvalues = grad_at(dy2, _rows2d(x), indices, values.dtype, ctx.layout)
             if scale != 1.0:
                 dvalues.mul_(scale)
+        if g is not None and (ctx.needs_input_grad[7] or ctx.needs_input_grad[8]):
+            x2 = _rows2d(x).to(lora_a.dtype)
+            if ctx.needs_input_grad[7]:
+                da = g.t() @ x2
+            if ctx.needs_input_grad[8]:
+                db = (dy2.to(lora_b.dtype).t() @ (x2 @ lora_a.t())).mul_(ctx.scaling)
         if ctx.probe is not None:
             _run_probe(ctx.probe, dy2 if scale == 1.0 else dy2 * scale, _rows2d(x))
-        return dx, dvalues, None, None, None, None, None
+        return dx, dvalues, None, None, None, None, None, da, db, None
 
 
 class MergedSparseLinear(Function):
@@ -615,23 +654,18 @@ class ColumnLinear(Function):
 
 
 class LowRankLinear(Function):
-    """Update of a low-rank Δ = scaling · B A, with A (r × in) and B (out × r), added to `base` if given
-    (the output of the update's other parts: one GEMM writes the sum, so no third N × out tensor lives).
+    """Update of a low-rank Δ = scaling · B A, with A (r × in) and B (out × r).
 
     Saves x only. The rank-r activation h = x Aᵀ that B's gradient needs is recomputed in
     backward (one N·in·r product) instead of being kept, as two chained linear layers would.
-    `base` gets dy itself as its gradient.
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, scaling: float, base=None):
+    def forward(ctx, x, lora_a, lora_b, scaling: float):
         h = _rows2d(x).to(lora_a.dtype) @ lora_a.t()
-        if base is None:
-            y = h @ lora_b.t()
-            if scaling != 1.0:
-                y.mul_(scaling)  # in place: a second N × out tensor here would raise the forward's peak
-        else:
-            y = torch.addmm(_rows2d(base), h, lora_b.t(), alpha=scaling)
+        y = h @ lora_b.t()
+        if scaling != 1.0:
+            y.mul_(scaling)  # in place: a second N × out tensor here would raise the forward's peak
         keep_x = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.save_for_backward(x if keep_x else None, lora_a, lora_b)
         ctx.x_meta = (x.shape, x.dtype)
@@ -653,7 +687,7 @@ class LowRankLinear(Function):
                 da = g.t() @ x2
             if ctx.needs_input_grad[2]:
                 db = (dy2.t() @ (x2 @ lora_a.t())) * ctx.scaling
-        return dx, da, db, None, dy if ctx.needs_input_grad[4] else None
+        return dx, da, db, None
 
 
 # A probe keeps statistics of data-dependent size (a running top-n): under torch.compile it runs eagerly,
@@ -663,18 +697,14 @@ def _run_probe(probe, dy: torch.Tensor, x: torch.Tensor) -> None:
     probe(dy, x)
 
 
-def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None, scale=1.0) -> torch.Tensor:
-    """scale · x Δᵀ (`scale` on the product: no k-sized copy of the values, and no N × out one of dy in backward)."""
+def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None, scale=1.0,
+                  lora_a=None, lora_b=None, scaling=1.0) -> torch.Tensor:
+    """scale · x Δᵀ (+ scaling · x Aᵀ Bᵀ). `scale` on the product: no k-sized copy of the values, and no N × out
+    one of dy in backward."""
     if not torch.is_grad_enabled():  # inference: the product alone, no autograd node (and no backward for a probe)
-        x2 = _rows2d(x)
-        if x2.dtype != values.dtype:
-            x2 = x2.to(values.dtype)
-        mode = product_mode(x2.shape[0], values.numel(), out_features, x.shape[-1])
-        y = _times_delta(x2, values, indices, (out_features, x.shape[-1]), False, mode, layout)
-        if scale != 1.0:
-            y = y * scale
-        return y.reshape(*x.shape[:-1], out_features)
-    return SparseLinear.apply(x, values, indices, out_features, probe, layout, scale)
+        return SparseLinear.forward(_NoContext(), x, values, indices, out_features, None, layout, scale,
+                                    lora_a, lora_b, scaling)
+    return SparseLinear.apply(x, values, indices, out_features, probe, layout, scale, lora_a, lora_b, scaling)
 
 
 def merged_sparse_linear(x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):
@@ -696,7 +726,7 @@ def column_linear(x, block, cols, span=None) -> torch.Tensor:
 class _NoContext:
     """What a Function's forward may write to when it is called directly, at inference: nothing is kept."""
 
-    needs_input_grad = (False,) * 8
+    needs_input_grad = (False,) * 16
 
     def save_for_backward(self, *tensors) -> None:
         pass
@@ -710,12 +740,8 @@ def contiguous_span(indices: torch.Tensor):
     return (start, stop) if stop - start == indices.numel() else None
 
 
-def low_rank_linear(x, lora_a, lora_b, scaling: float, base=None) -> torch.Tensor:
-    """scaling · x Aᵀ Bᵀ, plus `base` (same shape and dtype as the result) if given."""
+def low_rank_linear(x, lora_a, lora_b, scaling: float) -> torch.Tensor:
     if not torch.is_grad_enabled():  # inference: two thin products, no autograd node
-        h = torch.nn.functional.linear(x.to(lora_a.dtype), lora_a)
-        if base is not None:
-            return torch.addmm(_rows2d(base), _rows2d(h), lora_b.t(), alpha=scaling).reshape(base.shape)
-        y = torch.nn.functional.linear(h, lora_b)
+        y = torch.nn.functional.linear(torch.nn.functional.linear(x.to(lora_a.dtype), lora_a), lora_b)
         return y * scaling if scaling != 1.0 else y
-    return LowRankLinear.apply(x, lora_a, lora_b, scaling, base)
+    return LowRankLinear.apply(x, lora_a, lora_b, scaling)

@@ -40,6 +40,7 @@ def top_positions(
     step = max(1, ops._BLOCK_ELEMENTS // in_features)
     best_pos = torch.empty(0, dtype=torch.long)
     best_val = torch.empty(0)
+    floor = -math.inf  # once n are kept, the smallest |score| among them: a block's entries at or below it cannot enter
     for r0 in range(0, out_features, step):
         r1 = min(r0 + step, out_features)
         block = block_scores(r0, r1).reshape(-1).float()
@@ -47,14 +48,21 @@ def top_positions(
         if exclude is not None and exclude.numel():
             lo, hi = torch.searchsorted(exclude.long(), torch.tensor([r0 * in_features, r1 * in_features])).tolist()
             key[exclude[lo:hi].long() - r0 * in_features] = -math.inf
-        take = min(n, key.numel())
-        top = torch.topk(key, take).indices
-        keep = key[top] > -math.inf
-        best_pos = torch.cat([best_pos.to(top.device), top[keep] + r0 * in_features])
-        best_val = torch.cat([best_val.to(block.device), block[top[keep]]])
+        if floor > -math.inf:
+            # only the entries that beat the kept ones join the merge: it stays O(n + entering), not O(n + block)
+            top = (key > floor).nonzero().squeeze(1)
+            if top.numel() > n:
+                top = top[torch.topk(key[top], n).indices]
+        else:
+            top = torch.topk(key, min(n, key.numel())).indices
+            top = top[key[top] > -math.inf]
+        best_pos = torch.cat([best_pos.to(top.device), top + r0 * in_features])
+        best_val = torch.cat([best_val.to(block.device), block[top]])
         if best_pos.numel() > n:
             top = torch.topk(best_val.abs(), n).indices
             best_pos, best_val = best_pos[top], best_val[top]
+        if best_pos.numel() == n and n:
+            floor = float(best_val.abs().min())
     order = best_pos.argsort()
     return best_pos[order], best_val[order]
 

@@ -315,14 +315,18 @@ def test_scratch_pays_only_where_no_kernel_beats_it():
     layout = ops.Layout(flat.int(), IN)
     v = torch.zeros(9, requires_grad=True)
     many = 10_000
-    with torch.enable_grad():  # training with the CSR kernels and torch's SDDMM: never a scratch W
-        assert not ops.scratch_pays(many, v, layout, OUT, IN)
-        # no layout (torch.compile) or bf16 on CPU: no CSR kernel, the fused path
-        assert ops.scratch_pays(many, v, None, OUT, IN)
-        assert ops.scratch_pays(many, v.detach().bfloat16().requires_grad_(), layout, OUT, IN)
-    with torch.no_grad():  # inference: the copy once there are enough tokens to pay for it, never for a gather
-        assert ops.scratch_pays(many, v, layout, OUT, IN)
-        assert not ops.scratch_pays(1, v, layout, OUT, IN)
+    # training with the CSR kernels and torch's SDDMM: a scratch W only when dense enough
+    assert ops.scratch_pays(many, v, layout, OUT, IN, True)  # 9 of 35 entries
+    big = ops.Layout(torch.arange(0, 10_000, 100, dtype=torch.int32), 100)  # 1% of 100 × 100
+    assert not ops.scratch_pays(many, torch.zeros(100, requires_grad=True), big, 100, 100, True)
+    # no layout (torch.compile) or bf16 on CPU: no CSR kernel, the fused path
+    assert ops.scratch_pays(many, v, None, OUT, IN, True)
+    assert ops.scratch_pays(many, v.detach().bfloat16().requires_grad_(), layout, OUT, IN, True)
+    # inference: the copy once there are enough tokens to pay for it, never for a gather
+    assert ops.scratch_pays(many, v, layout, OUT, IN, False)
+    assert not ops.scratch_pays(1, v, layout, OUT, IN, False)
+    assert ops.scratch_pays(many, torch.zeros(100), big, 100, 100, False)  # 10,000 tokens x 100 entries
+    assert not ops.scratch_pays(100, torch.zeros(100), big, 100, 100, False)  # 100 tokens: the CSR product
 
 
 def test_kernel_probes_and_products_ignore_autocast(monkeypatch):
@@ -334,14 +338,30 @@ def test_kernel_probes_and_products_ignore_autocast(monkeypatch):
     layout = ops.Layout(flat.int(), IN)
     v = torch.randn(9, requires_grad=True)
     x = torch.randn(6, IN, requires_grad=True)
+    a, b = torch.randn(2, IN, requires_grad=True), torch.randn(OUT, 2, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert ops.csr_works(v.device, torch.float32) and ops.sddmm_works(v.device, torch.float32)
-        y = ops.sparse_linear(x, v, layout.indices, OUT, None, layout)
-        dx, dv = torch.autograd.grad(y.pow(2).sum(), (x, v))
-    dense = Delta(OUT, IN, values=v, indices=flat.int()).dense()
+        y = ops.sparse_linear(x, v, layout.indices, OUT, None, layout, 2.0, a, b, 0.5)  # with a low-rank part (DSEE)
+        grads = torch.autograd.grad(y.pow(2).sum(), (x, v, a, b))
+    dense = Delta(OUT, IN, values=v, indices=flat.int(), lora_A=a, lora_B=b, scaling=0.5, sparse_scale=2.0).dense()
     ref = x @ dense.t()
     assert y.dtype == torch.float32
     torch.testing.assert_close(y, ref)
-    rdx, rdv = torch.autograd.grad(ref.pow(2).sum(), (x, v))
-    torch.testing.assert_close(dx, rdx)
-    torch.testing.assert_close(dv, rdv)
+    for got, want in zip(grads, torch.autograd.grad(ref.pow(2).sum(), (x, v, a, b))):
+        torch.testing.assert_close(got, want)
+
+
+def test_gradcheck_sparse_with_a_low_rank_part_in_one_op(kernel_path):
+    # DSEE's, SLTrain's and RoSA's update: scale · x Δᵀ + scaling · x Aᵀ Bᵀ in one SparseLinear (added in place)
+    flat, _, _ = _support(9)
+    layout = ops.Layout(flat.int(), IN)
+    v = torch.randn(9, dtype=D, requires_grad=True)
+    a = torch.randn(2, IN, dtype=D, requires_grad=True)
+    b = torch.randn(OUT, 2, dtype=D, requires_grad=True)
+    for lay in (None, layout):
+        f = lambda x, v, a, b: ops.sparse_linear(x, v, flat.int(), OUT, None, lay, 1.5, a, b, 0.5)  # noqa: E731
+        assert gradcheck(f, (_x(), v, a, b))
+        x = _x(grad=False)
+        dense = Delta(OUT, IN, values=v, indices=flat.int(), lora_A=a, lora_B=b, scaling=0.5, sparse_scale=1.5).dense()
+        with torch.no_grad():
+            torch.testing.assert_close(f(x, v, a, b), x @ dense.t())

@@ -12,7 +12,8 @@ from peft import PeftModel, get_peft_model
 
 import sparse_peft
 from sparse_peft import SparseConfig, SparseLayer, SparseScheduler
-from sparse_peft.methods.sara import nuclear_subgradient
+from sparse_peft.delta import Delta
+from sparse_peft.methods.sara import nuclear_factors
 
 from ..conftest import tiny_llama
 
@@ -71,14 +72,41 @@ def test_absolute_threshold_takes_every_weight_below_it():
         SparseConfig(method="sara", threshold=2e-3, selection="random")
 
 
-def test_nuclear_subgradient_is_the_gradient_of_the_nuclear_norm():
+def test_nuclear_factors_give_the_gradient_of_the_nuclear_norm():
     m = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    norm, sub = nuclear_subgradient(m.detach())
+    everywhere = Delta(7, 5, values=m.detach().flatten(), indices=torch.arange(35, dtype=torch.int32))
+    norm, u, vh = nuclear_factors(everywhere)
     torch.linalg.matrix_norm(m, "nuc").backward()
-    assert norm == pytest.approx(float(torch.linalg.matrix_norm(m.detach(), "nuc")))
-    assert torch.allclose(sub, m.grad)
+    assert norm == pytest.approx(float(torch.linalg.matrix_norm(m.detach(), "nuc")), rel=1e-5)
+    torch.testing.assert_close(u @ vh, m.grad.float(), atol=1e-5, rtol=1e-4)
+    # read at a support, never formed: the same as the dense subgradient there, scaled, frozen slots left out
+    flat = torch.tensor([0, 3, 8, 20, 34], dtype=torch.int32)
+    part = Delta(7, 5, values=m.detach().flatten()[flat.long()], indices=flat, sparse_scale=2.0,
+                 frozen_slots=torch.tensor([1], dtype=torch.int32), frozen_values=torch.zeros(1, dtype=torch.float64))
+    got = part.factor_grad_parts(u, vh)["sparse_values"]
+    want = 2.0 * (u @ vh).flatten()[flat.long()]
+    want[1] = 0
+    torch.testing.assert_close(got, want)
     # at zero every direction is free: no push
-    assert torch.equal(nuclear_subgradient(torch.zeros(4, 3))[1], torch.zeros(4, 3))
+    zero = Delta(4, 3, values=torch.zeros(12), indices=torch.arange(12, dtype=torch.int32))
+    assert nuclear_factors(zero)[1].numel() == 0
+
+
+def test_low_rank_nuclear_factors_form_nothing_of_the_weights_size():
+    # nuclear_norm_rank: a randomized SVD of the sparse matrix itself; its top singular values approach the dense one's
+    from sparse_peft.memory import peak_memory
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randperm(2752 * 1024, generator=g)[:30_000].sort().values.int()
+    delta = Delta(2752, 1024, values=torch.randn(30_000, generator=g), indices=flat)
+    with peak_memory("cpu") as peak:
+        norm, u, vh = nuclear_factors(delta, rank=8)
+        delta.factor_grad_parts(u, vh)
+    # two chunks of ≤ 1 MiB (the factors' rows gathered at the support) and O(k) indices: a third of the
+    # fp32 weight here, where the full SVD's dense ΔW, U, Vᵀ and workspace come to ~3.4 weights
+    assert peak.bytes < 0.4 * 2752 * 1024 * 4
+    top = torch.linalg.svdvals(delta.dense())[:8]
+    assert norm <= float(top.sum()) * 1.001 and norm > 0.8 * float(top.sum())
 
 
 def _train(config, steps=12, batches=None, base=None, accumulation=1, extra_steps=0):
