@@ -182,6 +182,7 @@ class SparseLayer(BaseTunerLayer):
         self.reset_parameters(adapter_name, config.init_weights, seed)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+        self.prepare_layout(adapter_name)
 
     @torch.no_grad()
     def calibrate_support(
@@ -220,6 +221,7 @@ class SparseLayer(BaseTunerLayer):
             indices = indices.new_empty(support.shape)
             getattr(self, index_key)[adapter_name] = indices
         indices.copy_(support.to(indices.dtype))
+        self.prepare_layout(adapter_name)
         self.reset_parameters(adapter_name, config.init_weights, seed)
         self.sparse_uncalibrated.pop(adapter_name, None)
 
@@ -306,6 +308,16 @@ class SparseLayer(BaseTunerLayer):
         if layout is None or layout.indices is not indices or layout.version != indices._version:
             layout = layouts[adapter_name] = ops.Layout(indices, self.delta_shape[1])
         return layout
+
+    def prepare_layout(self, adapter_name: str) -> None:
+        """Make the support's index forms now, after a support change (a regrowth, a mask, a calibration), where
+        the caller runs between steps and little memory is held, rather than in the next forward and backward."""
+        layout = self._layout(adapter_name)
+        values = self._modules[VALUES]._parameters.get(adapter_name)  # dtype and device only: no gather needed
+        if layout is not None and values is not None and ops.csr_works(values.device, values.dtype):
+            layout.csr(self.delta_shape[0])
+            if self.training:
+                layout.csr_t(self.delta_shape[0])
 
     def _span(self, indices: Optional[torch.Tensor]) -> Optional[tuple[int, int]]:
         """Whether a row/column index buffer is one contiguous range, cached until the buffer changes
@@ -448,13 +460,26 @@ class SparseLayer(BaseTunerLayer):
         if self.merged:
             raise ValueError("Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first.")
         result = self.base_layer(x, *args, **kwargs)
-        for name in dict.fromkeys(adapter_names):
-            delta = None if name == "__base__" else self.get_delta(name)
-            if delta is None:
-                continue
-            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
-            result = result.index_add(0, rows, self._delta_forward(x.index_select(0, rows), delta).to(result.dtype))
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for name, rows in self._sample_groups(adapter_names, x.device):
+            delta = self.get_delta(name)
+            if delta is not None:
+                # in place into the base output (no autograd: mixed batches are inference only)
+                result.index_add_(0, rows, self._delta_forward(x.index_select(0, rows), delta).to(result.dtype))
         return result
+
+    def _sample_groups(self, adapter_names: list[str], device) -> list[tuple[str, torch.Tensor]]:
+        """(adapter, the rows of its samples) for each adapter named in a mixed batch, "__base__" left out, kept
+        for the last list of names seen: generate passes the same names at every step, so they are made once."""
+        key = (tuple(adapter_names), device)
+        kept = self.__dict__.get("_sparse_groups")
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        groups = [(name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device))
+                  for name in dict.fromkeys(adapter_names) if name != "__base__"]
+        self.__dict__["_sparse_groups"] = (key, groups)
+        return groups
 
     def _fused_forward(self, x: torch.Tensor, delta: Delta) -> Optional[torch.Tensor]:
         """The whole layer in one op where that is exact and faster; None where it is not."""
@@ -536,12 +561,15 @@ class Linear(_Module):
         # product: only for a plain, frozen nn.Linear with no hooks (the base layer's forward is
         # skipped), an unstructured Δ (plus, for DSEE and SLTrain, a low-rank part, folded into the
         # same scratch weight), and trainable tensors of the weight's dtype (no rounding of Δ).
-        base = self.get_base_layer()
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return None
         if not (delta.values is not None and delta.values.numel()) or any(
             t is not None for t in (delta.row_block, delta.col_block)
         ):
+            return None
+        n_tokens = x.numel() // x.shape[-1]
+        if n_tokens == 1:
+            return None  # decoding: the base layer's product plus the update's own is always the faster path
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
             return None
         weight, bias = base.weight, base.bias
         if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != delta.values.dtype:
@@ -549,7 +577,7 @@ class Linear(_Module):
         if delta.lora_A is not None and delta.lora_A.dtype != weight.dtype:
             return None
         training = self.training and torch.is_grad_enabled()
-        if not ops.scratch_pays(x.numel() // x.shape[-1], delta.values, delta.layout, *weight.shape, training):
+        if not ops.scratch_pays(n_tokens, delta.values, delta.layout, *weight.shape, training):
             return None  # the base layer's GEMM plus the update's own product (CSR, or a gather) is the faster path
         return ops.merged_sparse_linear(
             x, weight, bias, delta.effective_values(), delta.indices, delta.probe, delta.lora_A, delta.lora_B, delta.scaling

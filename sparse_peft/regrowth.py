@@ -37,7 +37,7 @@ def top_positions(
     kept across blocks. Positions in `exclude` (sorted flat indices) never qualify.
     Returns positions sorted ascending, with their signed scores.
     """
-    step = max(1, ops._BLOCK_ELEMENTS // in_features)
+    step = max(1, (ops._BLOCK_ELEMENTS // 4) // in_features)  # a block, its |·| and its scores' temporaries: ≤ 1 MiB together
     best_pos = torch.empty(0, dtype=torch.long)
     best_val = torch.empty(0)
     floor = -math.inf  # once n are kept, the smallest |score| among them: a block's entries at or below it cannot enter
@@ -111,6 +111,7 @@ class GradientProbe:
         self.n = n_candidates
         self.candidates: Optional[torch.Tensor] = None
         self.sums: Optional[torch.Tensor] = None
+        self._layout: Optional[ops.Layout] = None  # the candidates' CSR pattern, for the sampled gradient
 
     def __call__(self, dy: torch.Tensor, x: torch.Tensor) -> None:
         if self.candidates is None:
@@ -120,7 +121,9 @@ class GradientProbe:
                 lambda r0, r1: dy32[:, r0:r1].t() @ x32, out_features, in_features, self.n
             )
         else:
-            self.sums += ops.grad_at(dy, x, self.candidates, torch.float32)
+            if self._layout is None or not self._layout.fits(self.candidates, x.shape[1]):
+                self._layout = ops.Layout(self.candidates, x.shape[1])
+            self.sums += ops.grad_at(dy, x, self.candidates, torch.float32, self._layout)
 
 
 def gather_candidates(candidates: torch.Tensor, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

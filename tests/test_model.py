@@ -299,7 +299,7 @@ def test_fused_layer_path_equals_the_general_path(monkeypatch):
         if isinstance(module, SparseLayer):
             module.get_base_layer().register_forward_hook(lambda *a: None)
     q_proj = fused.base_model.model.model.layers[0].self_attn.q_proj
-    path = lambda: type(q_proj(torch.randn(1, 32, requires_grad=True)).grad_fn).__name__  # noqa: E731
+    path = lambda: type(q_proj(torch.randn(1, 3, 32, requires_grad=True)).grad_fn).__name__  # noqa: E731
     assert path() == "MergedSparseLinearBackward"  # 10% dense
     monkeypatch.setattr(ops, "SCRATCH_TRAIN_ABOVE_DENSITY", 1.0)
     assert path() == "AddBackward0"

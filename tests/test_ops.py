@@ -365,3 +365,16 @@ def test_gradcheck_sparse_with_a_low_rank_part_in_one_op(kernel_path):
         dense = Delta(OUT, IN, values=v, indices=flat.int(), lora_A=a, lora_B=b, scaling=0.5, sparse_scale=1.5).dense()
         with torch.no_grad():
             torch.testing.assert_close(f(x, v, a, b), x @ dense.t())
+
+
+def test_one_token_at_inference_is_a_matrix_vector_product():
+    # decoding's path (no grad, one token, a Layout): the same update as the general path and dense math
+    flat, _, _ = _support(9)
+    layout = ops.Layout(flat.int(), IN)
+    v, a, b = torch.randn(9, dtype=D), torch.randn(2, IN, dtype=D), torch.randn(OUT, 2, dtype=D)
+    dense = Delta(OUT, IN, values=v, indices=flat.int(), lora_A=a, lora_B=b, scaling=0.5, sparse_scale=1.5).dense()
+    for x in (torch.randn(1, 1, IN, dtype=D), torch.randn(1, IN, dtype=D), torch.randn(IN, dtype=D)[None]):
+        with torch.no_grad():
+            got = ops.sparse_linear(x, v, layout.indices, OUT, None, layout, 1.5, a, b, 0.5)
+        assert got.shape == (*x.shape[:-1], OUT)
+        torch.testing.assert_close(got, x @ dense.t())

@@ -397,4 +397,4 @@ def test_noise_is_drawn_one_block_of_rows_at_a_time(monkeypatch):
     assert seen.largest[torch.float32] < OUT * IN
     ref = x.float() @ whole.t()
     torch.testing.assert_close(y, ref)
-    torch.testing.assert_close(dx.float(), 2 * ref @ whole)
+    torch.testing.assert_close(dx.float(), 2 * ref @ whole, rtol=1e-5, atol=1e-4)

@@ -128,6 +128,7 @@ class GradientMask:
                 rest = indices.long()[~torch.isin(indices.long(), chosen)][: k - chosen.numel()]
                 chosen = torch.cat([chosen, rest]).sort().values
             indices.copy_(chosen.to(indices.dtype))
+            layer.prepare_layout(adapter)
             write_(values, torch.zeros(k, dtype=values.dtype, device=indices.device))
             remap_optimizer_state(self.run.optimizer, values, torch.full_like(indices, -1, dtype=torch.long))
             found += 1

@@ -206,6 +206,7 @@ class Regrowth:
             moved[keep] = values[result.source[keep]]
             write_(param, moved)
             indices.copy_(result.indices.to(indices.dtype))
+            layer.prepare_layout(adapter)
             remap_optimizer_state(self.run.optimizer, param, result.source)
             dropped += n_drop
             regrown += result.dropped  # as many new positions as old ones left
