@@ -141,6 +141,16 @@ class Delta:
             y = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.values.dtype)
         return y
 
+    def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """out += x ΔWᵀ in place for one token at inference (decoding), where ops.decode_into applies: an
+        unstructured part (plus a low-rank one) and nothing else. False, with out untouched, elsewhere."""
+        if self.values is None or not self.values.numel() or self.row_block is not None or self.col_block is not None:
+            return False
+        if self.frozen_slots is not None and self.frozen_slots.numel():
+            return False  # SaRA after its progressive step: effective_values is a copy; the general path applies it
+        lora = (self.lora_A, self.lora_B, self.scaling) if self.lora_A is not None else ()
+        return ops.decode_into(out, x, self.values, self.layout, self.sparse_scale, *lora)
+
     def add_to(self, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         """weight += sign · ΔW, in place, for a (out × in) weight (a transposed view is fine).
 

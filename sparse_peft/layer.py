@@ -9,6 +9,7 @@ import torch.nn as nn
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
+from torch.nn.modules.module import _global_forward_hooks
 from transformers.pytorch_utils import Conv1D
 
 from . import ops
@@ -411,6 +412,10 @@ class SparseLayer(BaseTunerLayer):
             base.weight.data = weight
 
     # -- forward -------------------------------------------------------------------------------
+    # whether one token's update may be added into the base layer's output in place (a fresh tensor of the
+    # update's layout: a linear layer's; not a convolution's)
+    _decodes_in_place = False
+
     def _delta_forward(self, x: torch.Tensor, delta: Delta) -> torch.Tensor:
         return delta.apply(x)
 
@@ -447,7 +452,10 @@ class SparseLayer(BaseTunerLayer):
             result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
+        in_place = self._decodes_in_place and not self.get_base_layer()._forward_hooks and not _global_forward_hooks
         for delta in deltas:
+            if in_place and delta.apply_into(x, result):
+                continue  # one token at inference: added into the base output in place (no hook has seen it)
             update = self._delta_forward(x, delta)
             result = result + (update if update.dtype == result.dtype else update.to(result.dtype))
         return result
@@ -533,6 +541,8 @@ class _Module(nn.Module, SparseLayer):
 
 class Linear(_Module):
     """nn.Linear, transformers' Conv1D (GPT-2, weight stored in × out) and quantized linear layers."""
+
+    _decodes_in_place = True
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, config: SparseConfig, module_key: str = "", group: int = 1, **kwargs

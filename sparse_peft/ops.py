@@ -717,14 +717,28 @@ def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None
 def _decode_one(x, values, layout, out_features, scale, lora_a, lora_b, scaling) -> torch.Tensor:
     """One token at inference (decoding): scale · Δ x (+ scaling · B A x) as matrix-vector products and nothing
     else, a few µs of Python less than the general path on every layer of every token."""
-    v = x.reshape(-1)
+    y = x.new_zeros(out_features)
+    decode_into(y, x, values, layout, scale, lora_a, lora_b, scaling)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+def decode_into(out: torch.Tensor, x: torch.Tensor, values, layout: Layout, scale=1.0, lora_a=None, lora_b=None,
+                scaling=1.0) -> bool:
+    """out += scale · Δ x (+ scaling · B A x) in place, for one token (x: 1 × ... × in) at inference, as one
+    sparse matrix-vector product (plus two thin ones for a low-rank part) into the base layer's own output.
+
+    Decoding is a few tiny kernels per layer per token, and on a CPU each costs ~5 µs of thread start-up
+    whatever its size: an update, a scaling and an add would be three. Returns False, doing nothing, where
+    this path does not apply (another dtype, no CSR kernel, autograd on); the caller adds the update itself."""
+    if (torch.is_grad_enabled() or x.numel() != x.shape[-1] or out.dtype != values.dtype or x.dtype != values.dtype
+            or not out.is_contiguous() or layout is None or not csr_works(x.device, x.dtype)):
+        return False
+    v, y = x.reshape(-1), out.view(-1)
     with _exact(x):
-        y = torch.mv(_csr_matrix(values, layout, out_features, v.shape[0]), v)
-        if scale != 1.0:
-            y.mul_(scale)
         if lora_a is not None:
             y.addmv_(lora_b, torch.mv(lora_a, v), alpha=scaling)
-    return y.reshape(*x.shape[:-1], out_features)
+        y.addmv_(_csr_matrix(values, layout, y.shape[0], v.shape[0]), v, alpha=scale)
+    return True
 
 
 def merged_sparse_linear(x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):

@@ -59,8 +59,26 @@ def test_unmerged_outputs_equal_the_dense_float64_reference(method):
     ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(4))
     reference = _dense_reference(model, ids)
     with torch.no_grad():
-        for n in (7, 1):  # a prefill-sized and a decoding-sized call
-            torch.testing.assert_close(model(input_ids=ids[:, :n]).logits.double(), reference[:, :n], rtol=1e-5, atol=1e-5)
+        for b, n in ((2, 7), (2, 1), (1, 1)):  # a prefill-sized call, a decoding-sized one, one token (added in place)
+            got = model(input_ids=ids[:b, :n]).logits.double()
+            torch.testing.assert_close(got, reference[:b, :n], rtol=1e-5, atol=1e-5)
+
+
+def test_one_token_is_added_into_the_base_output_only_where_no_hook_has_seen_it():
+    # decoding adds the update into the base layer's fresh output; a forward hook on the base layer keeps what it saw
+    model = _randomized(get_peft_model(tiny_llama(), method_config("dsee", target_modules="all-linear"))).eval()
+    layer = model.base_model.model.model.layers[0].mlp.gate_proj
+    seen = []
+    x = torch.randn(1, 1, layer.in_features)
+    with torch.no_grad():
+        expected = layer.get_base_layer()(x) + layer.get_delta("default").apply(x)
+        torch.testing.assert_close(layer(x), expected)
+        handle = layer.get_base_layer().register_forward_hook(lambda m, i, out: seen.append(out.clone()) or None)
+        kept = []
+        handle2 = layer.get_base_layer().register_forward_hook(lambda m, i, out: kept.append(out))
+        torch.testing.assert_close(layer(x), expected)
+        handle.remove(), handle2.remove()
+    torch.testing.assert_close(kept[0], seen[0])  # the tensor the hook kept is still the base output
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
