@@ -27,12 +27,14 @@ scratch is ≤ B entries, at most two alive at once (under torch.compile a layer
 
 - CSR (wherever torch multiplies CSR matrices of the values' dtype: CPU fp32 / fp64, probed once;
   `csr_times`): the forward x Δᵀ and, in backward, dx = dy Δ over Δᵀ's pattern, each as a fresh N × out
-  (N × in) product, made in chunks of ≤ B // (out + in) tokens (torch copies its operand and result
-  whole otherwise). The weight gradient at the support is torch's SDDMM (`csr_grad`), over the same
-  chunks. The patterns (int32 row pointers and columns, 4 bytes per entry; Δᵀ's with the entries'
-  order, 16 bytes per entry) are kept per support by the layer (`Layout`), made once, not per call.
-  Training takes this path wherever it applies; without a Layout (torch.compile) or for other dtypes
-  (bf16 on CPU) the mode's own paths below run.
+  (N × in) product, made in chunks of ≤ max(16, N // 8) and ≤ B // (out + in) tokens (torch copies its
+  operand and result whole otherwise). The weight gradient at the support is torch's SDDMM (`csr_grad`),
+  over the same chunks. One token at inference is a matrix-vector product added into the base
+  layer's output (`decode_into`). The patterns (int32 row pointers and columns, 4 bytes per entry;
+  Δᵀ's with the entries' order, 8 bytes per entry) are kept per support by the layer (`Layout`), made
+  at creation or a support change, not per call. Inference takes this path except for long prompts,
+  training below SCRATCH_TRAIN_ABOVE_DENSITY (`scratch_pays`); without a Layout (torch.compile) or for
+  other dtypes (bf16 on CPU) the mode's own paths below run.
 - gather (`product_mode` "gather": N·k ≤ out·in/16, e.g. decoding without CSR): x's columns at the
   support and their products, N × k, and int64 row/column indices (16 bytes per entry, kept by the
   Layout once a path needs them). Its gradient is the sampled one below.
@@ -454,12 +456,15 @@ class SparseLinear(Function):
         x2 = _rows2d(x)
         ctx.mode = product_mode(x2.shape[0], values.numel(), *shape)
         y = _times_delta(x2.to(values.dtype), values, indices, shape, False, ctx.mode, layout)
-        if scale != 1.0:
-            y = y.mul_(scale) if y.is_contiguous() else y * scale
-        if lora_a is not None:
+        if lora_a is not None:  # scale · y + scaling · h Bᵀ in one kernel (the scale as addmm's beta)
             with _exact(x2):  # in the adapter's dtype, as the sparse part: autocast would give a bf16 h to add into y
                 h = x2.to(lora_a.dtype) @ lora_a.t()
-                y = y.addmm_(h, lora_b.t(), alpha=scaling) if y.is_contiguous() else torch.addmm(y, h, lora_b.t(), alpha=scaling)
+                if y.is_contiguous():
+                    y = y.addmm_(h, lora_b.t(), beta=scale, alpha=scaling)
+                else:
+                    y = torch.addmm(y, h, lora_b.t(), beta=scale, alpha=scaling)
+        elif scale != 1.0:
+            y = y.mul_(scale) if y.is_contiguous() else y * scale
         keep_x = ctx.needs_input_grad[1] or probe is not None or (lora_a is not None and any(ctx.needs_input_grad[7:9]))
         ctx.save_for_backward(x if keep_x else None, values, indices, lora_a, lora_b)
         ctx.x_meta = (x.shape, x.dtype)
@@ -482,10 +487,10 @@ class SparseLinear(Function):
         g = None if lora_a is None else (dy2.to(lora_b.dtype) @ lora_b) * ctx.scaling  # gradient at h = x Aᵀ, N × r
         if ctx.needs_input_grad[0]:
             dx = _times_delta(dy2, values, indices, shape, True, ctx.mode, ctx.layout)
-            if scale != 1.0:
-                dx = dx.mul_(scale) if dx.is_contiguous() else dx * scale
             if g is not None:
-                dx = dx.addmm_(g, lora_a) if dx.is_contiguous() else torch.addmm(dx, g, lora_a)
+                dx = dx.addmm_(g, lora_a, beta=scale) if dx.is_contiguous() else torch.addmm(dx, g, lora_a, beta=scale)
+            elif scale != 1.0:
+                dx = dx.mul_(scale) if dx.is_contiguous() else dx * scale
             dx = dx.reshape(x_shape).to(x_dtype)
         if ctx.needs_input_grad[1]:
             dvalues = grad_at(dy2, _rows2d(x), indices, values.dtype, ctx.layout)

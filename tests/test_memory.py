@@ -58,3 +58,58 @@ def test_no_sparse_layer_keeps_more_than_lora(structure, dtype):
     if structure == "columns":
         cols = sparse.base_model.model.proj.sparse_col_index["default"].numel()
         assert ours == x.shape[0] * x.shape[1] * cols * x.element_size()  # x[:, cols] and nothing else
+
+
+class _LargestNew(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements of any float tensor an op creates (views and the model's own tensors left out)."""
+
+    def __init__(self, owned):
+        super().__init__()
+        self.owned, self.largest = owned, (0, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided:
+                if t._is_view() or t.untyped_storage().data_ptr() in self.owned:
+                    continue
+                if t.numel() > self.largest[0]:
+                    self.largest = (t.numel(), func)
+        return out
+
+
+@pytest.mark.parametrize("method", sorted(sparse_peft.METHODS))
+def test_a_training_step_forms_nothing_of_a_weights_size(method):
+    # issue #17: a layer larger than one block (2304 × 128 > 2^18 entries) at LoRA r=8's count (1.2% dense,
+    # the CSR path), through forward, backward, the method's schedule (SpIEL's window, RoSA's warm-up, SaRA's
+    # penalty at rank 8, GGPO's noise) and AdamW: no op creates a tensor of the weight's size
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparse_peft import SparseScheduler
+
+    from .conftest import method_config
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=2304, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32))
+    weight = 2304 * 128
+    assert weight > sparse_peft.ops._BLOCK_ELEMENTS
+    extra = {"nuclear_norm_rank": 8} if method == "sara" else {}
+    if not sparse_peft.METHODS[method].target_roles:  # (S²FT picks its own layers)
+        extra["target_modules"] = "all-linear"
+    config = method_config(method, num_trainable=8 * (2304 + 128) * 3, **extra)
+    model = get_peft_model(base, config)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    scheduler = SparseScheduler(model, opt, total_steps=4)
+    x = torch.randint(0, 64, (2, 16))
+    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    for _ in range(3):
+        seen = _LargestNew(owned)
+        with seen:
+            model(input_ids=x, labels=x).loss.backward()
+            scheduler.before_optimizer_step()
+            opt.step()
+            scheduler.step()
+            opt.zero_grad()
+        assert seen.largest[0] < weight, f"{seen.largest[1]} formed {seen.largest[0]} elements (the weight has {weight})"
