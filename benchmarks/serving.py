@@ -5,6 +5,7 @@ peak memory of a training step, of every method against PEFT LoRA.
                                                   # then the step peaks; ~8 min on 2 cores
     python benchmarks/serving.py --quick          # hidden 1024, batch 1, fewer tokens, and the step peaks at 1024
     python benchmarks/serving.py --no-peak        # decoding only
+    python benchmarks/serving.py --forward        # one decoding forward, interleaved: steadier ratios, ~1 min
 
 Greedy `generate` with the KV cache: a 32-token prompt, then 96 new tokens, one token per forward.
 A Llama with grouped-query attention (8 heads, 4 KV heads), 2 layers, intermediate 2.6875 x hidden,
@@ -112,6 +113,28 @@ def table(hidden: int, batch: int, names: list[str], run, rounds: int, new_token
     return "\n".join(lines)
 
 
+def forward_table(hidden: int, names: list[str], run, rounds: int = 30, calls: int = 20) -> str:
+    """One decoding forward (one token, no KV cache to grow) per call, the setups taking turns `rounds` times,
+    `calls` calls each, the best per setup: steadier than whole generations on a machine whose speed drifts."""
+    base = base_model(hidden)
+    budget = run.target_budget(base)
+    models = {name: build(name, base, budget, run) for name in ["PEFT LoRA", *names]}
+    ids = torch.randint(0, 256, (1, 1), generator=torch.Generator().manual_seed(2))
+    best = {name: float("inf") for name in models}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    model(input_ids=ids)
+                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    lora = best["PEFT LoRA"]
+    lines = [f"hidden {hidden}: one decoding forward, ms (best of {rounds} interleaved rounds of {calls} calls)", "",
+             "| setup | ms / forward | / PEFT LoRA |", "|---|---|---|"]
+    lines += [f"| {name} | {t * 1e3:.2f} | {t / lora:.2f} |" for name, t in best.items()]
+    return "\n".join(lines)
+
+
 def peak_table(hiddens: list[int], names: list[str]) -> str:
     """Step peak / PEFT LoRA's per method at 1 × 128 and 4 × 256 tokens, from benchmarks/peak.py."""
     spec = importlib.util.spec_from_file_location("benchmarks_peak", os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak.py"))
@@ -146,6 +169,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, help="rounds per setup, the best one counts (default 5; --quick 3)")
     p.add_argument("--shapes", nargs="*", help="hidden:batch pairs (default 256:1 1024:1 1024:8; --quick 1024:1)")
     p.add_argument("--no-peak", action="store_true", help="skip the training-step peaks")
+    p.add_argument("--forward", action="store_true",
+                   help="only the steadier single-forward measure at hidden 1024 (about a minute)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     run = _load_run()
@@ -154,6 +179,9 @@ def main() -> None:
     shapes = [(1024, 1)] if args.quick else [(256, 1), (1024, 1), (1024, 8)]
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split(":")) for s in args.shapes]
+    if args.forward:
+        print(forward_table(1024, args.methods, run), flush=True)
+        return
     for hidden, batch in shapes:
         print(table(hidden, batch, args.methods, run, rounds, new_tokens) + "\n", flush=True)
     if not args.no_peak:
