@@ -100,9 +100,10 @@ def product_mode(n_tokens: int, k: int, out_features: int, in_features: int) -> 
 # count: the CSR product costs ~0.3 ns per token·entry, the blocked copy ~0.9 ns per weight entry.
 SCRATCH_ABOVE = 3.0
 # In training, the CSR path's three sparse products (~1 ns per token·entry together) against the fused path's
-# dense dW (~0.025 ns per token·weight entry): the fused path is faster above ~2.5% density. Training steps
-# (CPU, 1 thread, 4 × 256 tokens, LoRA r=8's count) per LoRA's, CSR against fused: hidden 1024 (1.1%) SpIEL
-# 1.52 vs 1.67, DSEE 1.24 vs 1.33; hidden 256 (4.3%) SpIEL 1.53 vs 1.02, DSEE 1.53 vs 0.99.
+# dense dW (~0.025 ns per token·weight entry): the fused path is faster above ~2.5% density. Training steps per
+# LoRA's, CSR against fused (`python benchmarks/train_paths.py`: CPU, 1 thread, 4 × 256 tokens, LoRA r=8's
+# count): hidden 1024 (1.1%) SpIEL 1.24 vs 1.38, DSEE 1.22 vs 1.40; hidden 256 (4.3%) SpIEL 1.52 vs 1.11,
+# DSEE 1.41 vs 1.01.
 SCRATCH_TRAIN_ABOVE_DENSITY = 0.02
 
 
