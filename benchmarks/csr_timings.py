@@ -1,6 +1,6 @@
 """The CSR product against the older paths, and the adapter's share of a decoding forward (issue #17).
 
-    python benchmarks/csr_timings.py            # about two minutes on 2 cores; prints three Markdown tables
+    python benchmarks/csr_timings.py            # about three minutes on 2 cores; prints four Markdown tables
 
 1. Forward of an unstructured update alone, x Δᵀ, at LoRA r=8's count ((out + in)·8 entries), per path:
    `ops.csr_times` (the support's CSR pattern from an `ops.Layout`), the gather, dense row blocks; and PEFT-LoRA-
@@ -10,6 +10,9 @@
    the transposed pattern). 1 thread, best of 5, ms.
 3. The adapter's share of one decoding forward of a 2752 × 1024 `gate_proj` inside benchmarks/serving.py's
    model: the layer's time minus its base layer's, median of 400 interleaved pairs, 1 thread, µs.
+4. A prompt at inference, the whole layer: the base GEMM plus the CSR product against the fused path (one
+   GEMM per block of W + Δ, 1 MiB blocks), by tokens × entries over out × in (`ops.SCRATCH_ABOVE`, the ratio
+   above which inference takes the fused path). 1 thread, best of 3, ms.
 """
 
 from __future__ import annotations
@@ -108,6 +111,23 @@ def decoding_share_table() -> str:
     return "\n".join(lines)
 
 
+def prompt_table() -> str:
+    torch.set_num_threads(1)
+    lines = ["| layer | tokens | tokens · k / (out · in) | base GEMM + CSR | fused, blocks of W + Δ | fused / (base + CSR) |",
+             "|---|---|---|---|---|---|"]
+    for out_f, in_f in SHAPES:
+        k, idx = _support(out_f, in_f)
+        v, layout, w = torch.randn(k) * 0.01, ops.Layout(idx, in_f), torch.randn(out_f, in_f) * 0.02
+        for n in (32, 128, 512, 2048):
+            x = torch.randn(n, in_f)
+            calls = max(1, 256 // n)
+            general = _best(lambda: torch.nn.functional.linear(x, w) + ops.csr_times(x, v, layout, out_f), calls)
+            fused = _best(lambda: ops.MergedSparseLinear.forward(ops._NoContext(), x, w, None, v, idx), calls)
+            lines.append(f"| {out_f} × {in_f} | {n} | {n * k / (out_f * in_f):.2f} | {general * 1e3:.2f} | "
+                         f"{fused * 1e3:.2f} | {fused / general:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for table in (forward_table, training_table, decoding_share_table):
+    for table in (forward_table, training_table, decoding_share_table, prompt_table):
         print(table() + "\n", flush=True)

@@ -96,9 +96,10 @@ def product_mode(n_tokens: int, k: int, out_features: int, in_features: int) -> 
 
 
 # At inference, the fused path's copy of W + Δ (one pass over out·in entries) beats the CSR product (a pass over
-# tokens · k entries) once tokens · k ≥ SCRATCH_ABOVE · out · in. CPU, 1 thread, 2752 × 1024 at LoRA r=8's
-# count: the CSR product costs ~0.3 ns per token·entry, the blocked copy ~0.9 ns per weight entry.
-SCRATCH_ABOVE = 3.0
+# tokens · k entries) once tokens · k ≥ SCRATCH_ABOVE · out · in. `python benchmarks/csr_timings.py` (its prompt
+# table; CPU, 1 thread, LoRA r=8's count), fused / (base GEMM + CSR) at tokens · k / (out · in) = 2, 8, 32 on
+# 1024²: 1.05, 0.91, 0.68; at 1.4, 5.5, 22 on 2752 × 1024: 1.12, 1.00, 0.70.
+SCRATCH_ABOVE = 5.0
 # In training, the CSR path's three sparse products (~1 ns per token·entry together) against the fused path's
 # dense dW (~0.025 ns per token·weight entry): the fused path is faster above ~2.5% density. Training steps per
 # LoRA's, CSR against fused (`python benchmarks/train_paths.py`: CPU, 1 thread, 4 × 256 tokens, LoRA r=8's
