@@ -470,11 +470,13 @@ class SparseLayer(BaseTunerLayer):
         result = self.base_layer(x, *args, **kwargs)
         if self.quantization_backend is not None:
             result = self.quantization_backend.maybe_clone_base_result(result)
+        # in place into the base output, unless a forward hook on the base layer has seen (and may keep) it
+        in_place = not self.get_base_layer()._forward_hooks and not _global_forward_hooks
         for name, rows in self._sample_groups(adapter_names, x.device):
             delta = self.get_delta(name)
             if delta is not None:
-                # in place into the base output (no autograd: mixed batches are inference only)
-                result.index_add_(0, rows, self._delta_forward(x.index_select(0, rows), delta).to(result.dtype))
+                update = self._delta_forward(x.index_select(0, rows), delta).to(result.dtype)
+                result = result.index_add_(0, rows, update) if in_place else result.index_add(0, rows, update)
         return result
 
     def _sample_groups(self, adapter_names: list[str], device) -> list[tuple[str, torch.Tensor]]:

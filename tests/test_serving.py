@@ -134,3 +134,16 @@ def test_the_csr_product_equals_the_gather_and_the_dense_blocks():
         torch.testing.assert_close(ops.csr_times(a, values, layout, out_f), a @ dense.t())
         for mode in ("gather", "sparse", "dense"):
             torch.testing.assert_close(ops._times_delta(a, values, indices, (out_f, in_f), False, mode), a @ dense.t())
+
+
+def test_a_mixed_batch_leaves_the_output_a_base_layer_hook_kept():
+    model = _randomized(get_peft_model(tiny_llama(), method_config("spiel", target_modules="all-linear"))).eval()
+    base = model.base_model.model.model.layers[0].mlp.gate_proj.get_base_layer()
+    copies, kept = [], []
+    handles = [base.register_forward_hook(lambda m, i, out: copies.append(out.clone()) or None),
+               base.register_forward_hook(lambda m, i, out: kept.append(out))]
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 3)), adapter_names=["default", "__base__"])
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(kept[0], copies[0])
