@@ -380,3 +380,18 @@ def test_sm3_matches_a_hand_written_update_and_feeds_momentum_regrowth():
     # O(rows + cols) state, shared with the regrowth schedule rather than copied
     assert scheduler.hooks[0].momentum["base_model.model.proj"][0] is state["row"]
     assert sum(t.numel() for t in state.values()) == 48
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_positions_replaces_kept_entries_in_place_exactly(seed, monkeypatch):
+    # once n are kept, entering entries take the slots of the weakest kept ones: still the exact top-n
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 4 * 20 * 3)  # blocks of 3 rows
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(50, 20, generator=g) * torch.linspace(0.1, 3, 50)[:, None]  # later rows stronger
+    exclude = torch.randperm(1000, generator=g)[:40].sort().values
+    pos, val = top_positions(lambda r0, r1: scores[r0:r1], 50, 20, 37, exclude)
+    masked = scores.reshape(-1).abs().clone()
+    masked[exclude] = -1
+    expected = masked.topk(37).indices.sort().values
+    assert pos.tolist() == expected.tolist()
+    assert torch.equal(val, scores.reshape(-1)[expected])
