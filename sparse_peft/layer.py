@@ -316,9 +316,12 @@ class SparseLayer(BaseTunerLayer):
         layout = self._layout(adapter_name)
         values = self._modules[VALUES]._parameters.get(adapter_name)  # dtype and device only: no gather needed
         if layout is not None and values is not None and ops.csr_works(values.device, values.dtype):
-            layout.csr(self.delta_shape[0])
-            if self.training:
-                layout.csr_t(self.delta_shape[0])
+            out_features, in_features = self.delta_shape
+            layout.csr(out_features)
+            # Δᵀ's pattern serves training's CSR path only, which denser supports do not take (ops.scratch_pays);
+            # a layer that needs it anyway (hooks, several adapters) makes it at its first backward
+            if self.training and layout.indices.numel() < ops.SCRATCH_TRAIN_ABOVE_DENSITY * out_features * in_features:
+                layout.csr_t(out_features)
 
     def _span(self, indices: Optional[torch.Tensor]) -> Optional[tuple[int, int]]:
         """Whether a row/column index buffer is one contiguous range, cached until the buffer changes
