@@ -209,7 +209,7 @@ class Delta:
         """The sparse parts as one coalesced sparse COO (out × in) float32 tensor (repeats summed), for
         factorisations that only multiply by it (torch.svd_lowrank): nothing of out × in is formed."""
         positions, values = self.sparse_entries()
-        rows, cols = positions // self.in_features, positions % self.in_features
+        rows, cols = ops.split_flat(positions, self.in_features)
         return torch.sparse_coo_tensor(torch.stack([rows, cols]), values.float(), (self.out_features, self.in_features)).coalesce()
 
     def num_sparse(self) -> int:

@@ -305,9 +305,9 @@ class SparseLayer(BaseTunerLayer):
         if indices is None or torch.compiler.is_compiling():
             return None  # under torch.compile the split is part of the graph
         layouts = self.__dict__.setdefault("_sparse_layouts", {})
-        layout = layouts.get(adapter_name)
-        if layout is None or layout.indices is not indices or layout.version != indices._version:
-            layout = layouts[adapter_name] = ops.Layout(indices, self.delta_shape[1])
+        layout, in_features = layouts.get(adapter_name), self.delta_shape[1]
+        if layout is None or not layout.fits(indices, in_features):
+            layout = layouts[adapter_name] = ops.Layout(indices, in_features)
         return layout
 
     def prepare_layout(self, adapter_name: str) -> None:
@@ -318,9 +318,10 @@ class SparseLayer(BaseTunerLayer):
         if layout is not None and values is not None and ops.csr_works(values.device, values.dtype):
             out_features, in_features = self.delta_shape
             layout.csr(out_features)
-            # Δᵀ's pattern serves training's CSR path only, which denser supports do not take (ops.scratch_pays);
-            # a layer that needs it anyway (hooks, several adapters) makes it at its first backward
-            if self.training and layout.indices.numel() < ops.SCRATCH_TRAIN_ABOVE_DENSITY * out_features * in_features:
+            # Δᵀ's pattern serves training's CSR path only, which denser supports do not take; a layer that needs
+            # it anyway (hooks, several adapters) makes it at its first backward
+            if self.training and ops.trains_by_csr(layout.indices.numel(), out_features, in_features,
+                                                   values.device, values.dtype):
                 layout.csr_t(out_features)
 
     def _span(self, indices: Optional[torch.Tensor]) -> Optional[tuple[int, int]]:

@@ -125,7 +125,7 @@ def scratch_pays(n_tokens: int, values: torch.Tensor, layout: "Layout | None", o
     if layout is None or not csr_works(values.device, values.dtype):
         return True
     if training:
-        return not sddmm_works(values.device, values.dtype) or k >= SCRATCH_TRAIN_ABOVE_DENSITY * out_features * in_features
+        return not trains_by_csr(k, out_features, in_features, values.device, values.dtype)
     return n_tokens * k >= SCRATCH_ABOVE * out_features * in_features
 
 
@@ -191,28 +191,60 @@ class Layout:
         return self._csr_t
 
 
-_CSR_WORKS: dict = {}
+_KERNEL_WORKS: dict = {}
+
+
+def _kernel_works(kernel: str, device: torch.device, dtype: torch.dtype, check) -> bool:
+    """Whether `check(device, dtype)` (a 1 × 1 product through one of torch's sparse kernels) runs and gives the
+    right answer; asked once per (kernel, device type, dtype), the answer kept. Autocast off: asked first inside
+    a bf16 autocast region, the probe would run in bf16, and the answer kept for fp32 would be no."""
+    key = (kernel, device.type, dtype)
+    if key not in _KERNEL_WORKS:
+        import warnings
+
+        try:
+            with warnings.catch_warnings(), torch.autocast(device.type, enabled=False):
+                warnings.simplefilter("ignore")  # torch's one-time "sparse CSR support is in beta" notice
+                _KERNEL_WORKS[key] = bool(check(device, dtype))
+        except (RuntimeError, NotImplementedError, TypeError):
+            _KERNEL_WORKS[key] = False
+    return _KERNEL_WORKS[key]
+
+
+def _one_by_one(device, dtype, value) -> torch.Tensor:
+    return torch.sparse_csr_tensor(torch.tensor([0, 1], dtype=torch.int32, device=device),
+                                   torch.zeros(1, dtype=torch.int32, device=device), value, (1, 1))
+
+
+def _csr_check(device, dtype) -> bool:
+    one = torch.ones(1, dtype=dtype, device=device)
+    s = _one_by_one(device, dtype, one)
+    return bool((torch.mv(s, one) == 1).all()) and bool(((s @ one[None].expand(1, 2)) == 1).all())
+
+
+def _sddmm_check(device, dtype) -> bool:
+    one = torch.ones(1, 1, dtype=dtype, device=device)
+    return bool((torch.sparse.sampled_addmm(_one_by_one(device, dtype, one[0]), one * 2, one * 3, beta=0.0).values() == 6).all())
 
 
 def csr_works(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether torch multiplies CSR matrices of `dtype` on this device (CPU: float32 and float64, through MKL;
     not bfloat16 or float16). Asked once per (device type, dtype) with a 1 × 1 product; the answer is kept."""
-    key = (device.type, dtype)
-    if key not in _CSR_WORKS:
-        import warnings
+    return _kernel_works("csr", device, dtype, _csr_check)
 
-        try:
-            # autocast off: asked first inside a bf16 autocast region, the probe would run in bf16 and the answer
-            # kept for fp32 would be no
-            with warnings.catch_warnings(), torch.autocast(device.type, enabled=False):
-                warnings.simplefilter("ignore")  # torch's one-time "sparse CSR support is in beta" notice
-                one = torch.ones(1, dtype=dtype, device=device)
-                s = torch.sparse_csr_tensor(torch.tensor([0, 1], dtype=torch.int32, device=device),
-                                            torch.zeros(1, dtype=torch.int32, device=device), one, (1, 1))
-                _CSR_WORKS[key] = bool((torch.mv(s, one) == 1).all()) and bool(((s @ one[None].expand(1, 2)) == 1).all())
-        except (RuntimeError, NotImplementedError, TypeError):
-            _CSR_WORKS[key] = False
-    return _CSR_WORKS[key]
+
+def sddmm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.sparse.sampled_addmm runs for CSR matrices of `dtype` on this device (CPU: float32 and
+    float64; not bfloat16 or float16). Asked once per (device type, dtype) with a 1 × 1 product."""
+    return _kernel_works("sddmm", device, dtype, _sddmm_check)
+
+
+def trains_by_csr(k: int, out_features: int, in_features: int, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether training multiplies by a support of k entries through CSR products and torch's SDDMM (the kernels
+    run for this device and dtype, and the support is below SCRATCH_TRAIN_ABOVE_DENSITY) rather than the fused
+    path."""
+    return (k < SCRATCH_TRAIN_ABOVE_DENSITY * out_features * in_features and csr_works(device, dtype)
+            and sddmm_works(device, dtype))
 
 
 def csr_times(a: torch.Tensor, values: torch.Tensor, layout: Layout, out_features: int) -> torch.Tensor:
@@ -304,28 +336,6 @@ def sampled_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: to
     return out
 
 
-_SDDMM_WORKS: dict = {}
-
-
-def sddmm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.sparse.sampled_addmm runs for CSR matrices of `dtype` on this device (CPU: float32 and
-    float64; not bfloat16 or float16). Asked once per (device type, dtype) with a 1 × 1 product."""
-    key = (device.type, dtype)
-    if key not in _SDDMM_WORKS:
-        import warnings
-
-        try:
-            with warnings.catch_warnings(), torch.autocast(device.type, enabled=False):  # see csr_works
-                warnings.simplefilter("ignore")
-                one = torch.ones(1, 1, dtype=dtype, device=device)
-                s = torch.sparse_csr_tensor(torch.tensor([0, 1], dtype=torch.int32, device=device),
-                                            torch.zeros(1, dtype=torch.int32, device=device), one[0], (1, 1))
-                _SDDMM_WORKS[key] = bool((torch.sparse.sampled_addmm(s, one * 2, one * 3, beta=0.0).values() == 6).all())
-        except (RuntimeError, NotImplementedError, TypeError):
-            _SDDMM_WORKS[key] = False
-    return _SDDMM_WORKS[key]
-
-
 def csr_grad(dy: torch.Tensor, x: torch.Tensor, layout: Layout, dtype) -> torch.Tensor:
     """(dyᵀ x) at the layout's support, in the support's order, by torch.sparse.sampled_addmm over its CSR
     pattern: one dot product over the tokens per entry, nothing of out × in.
@@ -340,8 +350,8 @@ def csr_grad(dy: torch.Tensor, x: torch.Tensor, layout: Layout, dtype) -> torch.
     values = torch.zeros(col.numel(), dtype=dtype, device=dy.device)
     acc = torch.sparse_csr_tensor(crow, col, values, (out_features, in_features), check_invariants=False)
     step = _token_chunk(n, out_features + in_features)
-    for t0 in range(0, n, step):
-        with _exact(dy):
+    with _exact(dy):
+        for t0 in range(0, n, step):
             acc = torch.sparse.sampled_addmm(acc, _transposed(dy[t0 : t0 + step], dtype), _transposed(x[t0 : t0 + step], dtype).t())
     return acc.values()
 
@@ -528,14 +538,7 @@ class MergedSparseLinear(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):
-        y = None
-        for r0, r1, w in _merged_blocks(weight, values, indices, lora_a, lora_b, scaling):
-            if r1 - r0 == weight.shape[0]:
-                y = torch.nn.functional.linear(x, w, bias)
-                break
-            if y is None:
-                y = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.result_type(x, w))
-            y[..., r0:r1] = torch.nn.functional.linear(x, w, None if bias is None else bias[r0:r1])
+        y = linear_by_blocks(x, _merged_blocks(weight, values, indices, lora_a, lora_b, scaling), weight.shape[0], bias)
         keep_x = ctx.needs_input_grad[3] or probe is not None or (lora_a is not None and any(ctx.needs_input_grad[6:8]))
         ctx.save_for_backward(x if keep_x else None, weight, values, indices, lora_a, lora_b)
         ctx.x_meta = (x.shape, x.dtype)
@@ -549,11 +552,8 @@ class MergedSparseLinear(Function):
         dy2 = _rows2d(dy)
         dx = dvalues = da = db = None
         if ctx.needs_input_grad[0]:
-            dyw = dy2.to(weight.dtype)
-            dx = dyw.new_zeros(dyw.shape[0], x_shape[-1])
-            for r0, r1, w in _merged_blocks(weight, values, indices, lora_a, lora_b, ctx.scaling):
-                dx.addmm_(dyw[:, r0:r1], w)
-            dx = dx.reshape(x_shape).to(x_dtype)
+            blocks = _merged_blocks(weight, values, indices, lora_a, lora_b, ctx.scaling)
+            dx = input_grad_by_blocks(dy2.to(weight.dtype), blocks, x_shape[-1]).reshape(x_shape).to(x_dtype)
         if lora_a is not None and any(ctx.needs_input_grad[6:8]):
             dvalues, da, db = _grads_from_blocks(dy2.to(values.dtype), _rows2d(x), indices, lora_a, lora_b, ctx.scaling)
         elif ctx.needs_input_grad[3]:
@@ -561,6 +561,27 @@ class MergedSparseLinear(Function):
         if ctx.probe is not None:
             _run_probe(ctx.probe, dy2.to(values.dtype), _rows2d(x))
         return dx, None, None, dvalues, None, None, da, db, None
+
+
+def linear_by_blocks(x: torch.Tensor, blocks, out_features: int, bias=None) -> torch.Tensor:
+    """x Wᵀ + b for a W given as its blocks of rows, (r0, r1, W[r0:r1]) as the iterator makes them: each block is
+    used and dropped, so the whole W never exists. A W of one block is one F.linear."""
+    y = None
+    for r0, r1, w in blocks:
+        if r1 - r0 == out_features:
+            return torch.nn.functional.linear(x, w, bias)
+        if y is None:
+            y = x.new_empty(*x.shape[:-1], out_features, dtype=torch.result_type(x, w))
+        y[..., r0:r1] = torch.nn.functional.linear(x, w, None if bias is None else bias[r0:r1])
+    return y
+
+
+def input_grad_by_blocks(dy: torch.Tensor, blocks, in_features: int) -> torch.Tensor:
+    """dy W (dy: N × out) for a W given as its blocks of rows, as in linear_by_blocks: N × in, summed block by block."""
+    dx = dy.new_zeros(dy.shape[0], in_features)
+    for r0, r1, w in blocks:
+        dx.addmm_(dy[:, r0:r1], w)
+    return dx
 
 
 def _merged_blocks(weight, values, indices, lora_a=None, lora_b=None, scaling=1.0):
@@ -714,19 +735,13 @@ def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None
     """scale · x Δᵀ (+ scaling · x Aᵀ Bᵀ). `scale` on the product: no k-sized copy of the values, and no N × out
     one of dy in backward."""
     if not torch.is_grad_enabled():  # inference: the product alone, no autograd node (and no backward for a probe)
-        if x.numel() == x.shape[-1] and layout is not None and x.dtype == values.dtype and csr_works(x.device, x.dtype):
-            return _decode_one(x, values, layout, out_features, scale, lora_a, lora_b, scaling)
+        if x.numel() == x.shape[-1]:  # one token (decoding): matrix-vector products, where decode_into applies
+            y = x.new_zeros(out_features, dtype=values.dtype)
+            if decode_into(y, x, values, layout, scale, lora_a, lora_b, scaling):
+                return y.reshape(*x.shape[:-1], out_features)
         return SparseLinear.forward(_NoContext(), x, values, indices, out_features, None, layout, scale,
                                     lora_a, lora_b, scaling)
     return SparseLinear.apply(x, values, indices, out_features, probe, layout, scale, lora_a, lora_b, scaling)
-
-
-def _decode_one(x, values, layout, out_features, scale, lora_a, lora_b, scaling) -> torch.Tensor:
-    """One token at inference (decoding): scale · Δ x (+ scaling · B A x) as matrix-vector products and nothing
-    else, a few µs of Python less than the general path on every layer of every token."""
-    y = x.new_zeros(out_features)
-    decode_into(y, x, values, layout, scale, lora_a, lora_b, scaling)
-    return y.reshape(*x.shape[:-1], out_features)
 
 
 def decode_into(out: torch.Tensor, x: torch.Tensor, values, layout: Layout, scale=1.0, lora_a=None, lora_b=None,

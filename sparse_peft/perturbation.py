@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.autograd import Function
 
 from . import ops
+from .prng import seed_for
 
 
 # Bound, in elements, on the float32 block of W0 that row_sq_norms converts at a time (16 MiB).
@@ -144,12 +145,8 @@ def ggpo_row_std(
 
 def _block_seed(seed: int, block: int) -> int:
     """The seed of the noise on one block of rows: `seed` itself for the first (a layer of one block draws
-    exactly Z(seed)), a distinct 63-bit mix of (seed, block) for the others."""
-    if block == 0:
-        return seed
-    z = (seed * 0x9E3779B97F4A7C15 + block * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 31)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 29)) & (2**63 - 1)
+    exactly Z(seed)), prng.seed_for(seed, "block <b>") for the others."""
+    return seed if block == 0 else seed_for(seed, f"block {block}")
 
 
 def perturbed_blocks(
@@ -209,16 +206,9 @@ class PerturbedLinear(Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, row_std, seed: int, lora_A=None, lora_B=None, scaling: float = 1.0):
-        xw = x.to(weight.dtype)
         bias = None if bias is None else bias.to(weight.dtype)
-        y = None
-        for r0, r1, w in perturbed_blocks(weight, row_std, seed, lora_A, lora_B, scaling):
-            if r1 - r0 == weight.shape[0]:
-                y = F.linear(xw, w, bias)
-                break
-            if y is None:
-                y = xw.new_empty(*x.shape[:-1], weight.shape[0])
-            y[..., r0:r1] = F.linear(xw, w, None if bias is None else bias[r0:r1])
+        blocks = perturbed_blocks(weight, row_std, seed, lora_A, lora_B, scaling)
+        y = ops.linear_by_blocks(x.to(weight.dtype), blocks, weight.shape[0], bias)
         ctx.train_lora = lora_A is not None and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
         ctx.save_for_backward(weight, row_std, lora_A, lora_B, x if ctx.train_lora else None)
         ctx.seed, ctx.scaling = seed, scaling
@@ -230,10 +220,8 @@ class PerturbedLinear(Function):
         weight, row_std, lora_A, lora_B, x = ctx.saved_tensors
         dx = da = db = None
         if ctx.needs_input_grad[0]:
-            dyw = dy.reshape(-1, dy.shape[-1]).to(weight.dtype)
-            dx = dyw.new_zeros(dyw.shape[0], weight.shape[1])
-            for r0, r1, w in perturbed_blocks(weight, row_std, ctx.seed, lora_A, lora_B, ctx.scaling):
-                dx.addmm_(dyw[:, r0:r1], w)
+            blocks = perturbed_blocks(weight, row_std, ctx.seed, lora_A, lora_B, ctx.scaling)
+            dx = ops.input_grad_by_blocks(dy.reshape(-1, dy.shape[-1]).to(weight.dtype), blocks, weight.shape[1])
             dx = dx.reshape(*dy.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
         if ctx.train_lora:
             dy2 = dy.reshape(-1, dy.shape[-1]).to(lora_B.dtype)

@@ -332,8 +332,7 @@ def test_scratch_pays_only_where_no_kernel_beats_it():
 def test_kernel_probes_and_products_ignore_autocast(monkeypatch):
     # asked first inside a bf16 autocast region (a mixed-precision Trainer run), the probes still answer for
     # fp32, and the CSR products run in fp32 there (torch would cast them to bf16, which its kernels lack)
-    monkeypatch.setattr(ops, "_CSR_WORKS", {})
-    monkeypatch.setattr(ops, "_SDDMM_WORKS", {})
+    monkeypatch.setattr(ops, "_KERNEL_WORKS", {})
     flat, rows, cols = _support(9)
     layout = ops.Layout(flat.int(), IN)
     v = torch.randn(9, requires_grad=True)
