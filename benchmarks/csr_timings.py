@@ -1,6 +1,6 @@
 """The CSR product against the older paths, and the adapter's share of a decoding forward (issue #17).
 
-    python benchmarks/csr_timings.py            # about three minutes on 2 cores; prints four Markdown tables
+    python benchmarks/csr_timings.py            # about four minutes on 2 cores; prints six Markdown tables
 
 1. Forward of an unstructured update alone, x Δᵀ, at LoRA r=8's count ((out + in)·8 entries), per path:
    `ops.csr_times` (the support's CSR pattern from an `ops.Layout`), the gather, dense row blocks; and PEFT-LoRA-
@@ -13,6 +13,14 @@
 4. A prompt at inference, the whole layer: the base GEMM plus the CSR product against the fused path (one
    GEMM per block of W + Δ, 1 MiB blocks), by tokens × entries over out × in (`ops.SCRATCH_ABOVE`, the ratio
    above which inference takes the fused path). 1 thread, best of 3, ms.
+5. Training's kernels one at a time (2 threads): the weight gradient at the support by torch's SDDMM in token
+   chunks (`ops.csr_grad`) against the dense dyᵀx read at the support, and the CSR forward in token chunks
+   (`ops.csr_times`) against one whole product; ms, and the most MiB each forms beyond its result
+   (`sparse_peft.memory.peak_memory`). Then SaRA's nuclear-norm factors (`nuclear_factors`) on 2752 × 1024:
+   the full SVD against nuclear_norm_rank=8, the peak (the factors included) in units of the layer's fp32 weight.
+6. Per-call work of one decoding call (one token, no grad) on a 256 × 256 layer, where the products cost
+   almost nothing: PEFT LoRA against SpIEL, SaRA and DSEE at LoRA r=8's count, and the base layer alone. 2
+   threads, best of 5 × 20,000 calls, µs.
 """
 
 from __future__ import annotations
@@ -128,6 +136,70 @@ def prompt_table() -> str:
     return "\n".join(lines)
 
 
+def kernels_table() -> str:
+    from sparse_peft.delta import Delta
+    from sparse_peft.memory import peak_memory
+    from sparse_peft.methods.sara import nuclear_factors
+
+    torch.set_num_threads(2)
+
+    def measure(fn, calls):
+        with peak_memory() as peak:
+            result = fn()
+        return _best(fn, calls) * 1e3, (peak.bytes - result.numel() * result.element_size()) / 2**20
+
+    lines = ["| layer | tokens | gradient at the support: SDDMM (ms, MiB) | dense dyᵀx (ms, MiB) "
+             "| forward: CSR in chunks (ms, MiB) | one whole CSR product (ms, MiB) |", "|---|---|---|---|---|---|"]
+    for out_f, in_f in SHAPES:
+        k, idx = _support(out_f, in_f)
+        v, layout = torch.randn(k), ops.Layout(idx, in_f)
+        matrix = torch.sparse_csr_tensor(*layout.csr(out_f), v, (out_f, in_f))
+        for n in (128, 1024):
+            x, dy = torch.randn(n, in_f), torch.randn(n, out_f)
+            calls = 3 if n == 1024 else 20
+            cells = [measure(lambda: ops.csr_grad(dy, x, layout, torch.float32), calls),
+                     measure(lambda: (dy.t() @ x).view(-1)[idx.long()], calls),
+                     measure(lambda: ops.csr_times(x, v, layout, out_f), calls),
+                     measure(lambda: (matrix @ x.t()).t(), calls)]
+            lines.append(f"| {out_f} × {in_f} | {n} | " + " | ".join(f"{t:.1f}, {m:.2f}" for t, m in cells) + " |")
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randperm(2752 * 1024, generator=g)[:30_208].sort().values.int()
+    delta = Delta(2752, 1024, values=torch.randn(30_208, generator=g), indices=flat)
+    weight = 2752 * 1024 * 4
+    lines += ["", "| SaRA's nuclear-norm factors, 2752 × 1024 | peak, factors included, in fp32 weights |", "|---|---|"]
+    for rank in (None, 8):
+        with peak_memory() as peak:
+            nuclear_factors(delta, rank)
+        lines.append(f"| {'full SVD' if rank is None else f'nuclear_norm_rank={rank}'} | {peak.bytes / weight:.2f} |")
+    return "\n".join(lines)
+
+
+def per_call_table() -> str:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from sparse_peft import SparseConfig
+
+    torch.set_num_threads(2)
+    base = torch.nn.Sequential(torch.nn.Linear(256, 256))
+    x = torch.randn(1, 1, 256)
+    setups = {"base layer alone": base[0]}
+    setups["PEFT LoRA"] = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules=["0"])).eval().base_model.model[0]
+    for method in ("spiel", "sara", "dsee"):
+        model = get_peft_model(copy.deepcopy(base), SparseConfig(method=method, target_modules=["0"], num_trainable=4096)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_()
+        setups[method] = model.base_model.model[0]
+    lines = ["| setup | one decoding call (µs) |", "|---|---|"]
+    with torch.no_grad():
+        for name, layer in setups.items():
+            lines.append(f"| {name} | {_best(lambda: layer(x), 20_000, 5) * 1e6:.1f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    for table in (forward_table, training_table, decoding_share_table, prompt_table):
+    for table in (forward_table, training_table, decoding_share_table, prompt_table, kernels_table, per_call_table):
         print(table() + "\n", flush=True)

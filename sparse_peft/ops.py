@@ -71,8 +71,8 @@ from torch.autograd import Function
 # Bound, in elements (1 MiB in fp32), on every dense scratch a path forms: each block of rows of Δ, of dW or
 # of the fused path's W + Δ, and each (tokens × chunk) product of the sampled gradients; up to two live at
 # once. 1 MiB keeps such scratch below the activations of even a short sequence (issue #17: a training step's
-# true peak within 2% of LoRA's at 1 × 128 tokens); blocks of 256 rows at 1024 wide still run GEMMs at
-# full speed (CPU, 1 thread, dW of 2752 × 1024 at 1,024 tokens: 55 ms in 256-row blocks, 49 ms whole).
+# true peak within 2% of LoRA's at 1 × 128 tokens); blocks of 256 rows at 1024 wide still run GEMMs of useful
+# size (the fused path's steps in `python benchmarks/train_paths.py` are measured with them).
 _BLOCK_ELEMENTS = 1 << 18
 # Below this fraction of non-zeros, sparse kernels beat dense GEMMs on row blocks; above it the
 # GEMMs win although they do more FLOPs. `python benchmarks/layer_timings.py` (docs/kernels.md, CPU, one
@@ -115,7 +115,7 @@ def scratch_pays(n_tokens: int, values: torch.Tensor, layout: "Layout | None", o
 
     Training: where the CSR kernels and the sampled gradient run, only above SCRATCH_TRAIN_ABOVE_DENSITY (below
     it they are faster, and form nothing of out × in: 1,024 tokens of 2752 × 1024 at 1.1%, the gradient at the
-    support 13 against 49 ms for the dense dW); elsewhere (bf16 on CPU) unless the call is gather-sized.
+    support 7.7 against 18.2 ms for the dense dW, 2 threads, benchmarks/csr_timings.py); elsewhere (bf16 on CPU) unless the call is gather-sized.
     Inference (or a forward in eval mode): with CSR, when the copy is cheaper than the product. Either way its
     scratch is ≤ one block. The caller's `training` is the module's mode with autograd on, not whether the
     values require grad: a model and its reloaded, frozen copy then take the same path, bit for bit."""
@@ -250,9 +250,8 @@ def trains_by_csr(k: int, out_features: int, in_features: int, device: torch.dev
 def csr_times(a: torch.Tensor, values: torch.Tensor, layout: Layout, out_features: int) -> torch.Tensor:
     """a Δᵀ (a: N × in) with Δ as a CSR matrix over the layout's pattern and `values` (no copy of either).
 
-    CPU, 1 thread, fp32, 2752 × 1024 at LoRA r=8's count (1.1%): 128 / 1,024 tokens 1.2 / 7.5 ms, against
-    6.7 / 48 ms for the base layer's own GEMM (benchmarks/csr_timings.py has the paths side by side). Forms
-    nothing of out × in: the product itself (N × out) and, per chunk of tokens (`_csr_rows`), MKL's copies."""
+    Forms nothing of out × in: the product itself (N × out) and, per chunk of tokens (`_csr_rows`), MKL's
+    copies. Timed against the other paths by `python benchmarks/csr_timings.py`."""
     # The matrix wraps `values` (no copy), so in-place updates (an optimizer step) show through it. It is kept
     # while the same tensor with the same storage comes back: a frozen-slot or scaled copy, a `.data` swap, or
     # an engine freeing and re-gathering the storage (ZeRO-3) makes a new one.
@@ -276,9 +275,10 @@ def _csr_rows(matrix: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """a Mᵀ for a CSR matrix M (rows × cols) and a dense a (N × cols), as a fresh N × rows tensor.
 
     torch multiplies CSR × dense column by column of the dense operand: (M aᵀ) is rows × N, and on the way it
-    copies aᵀ and its own result whole (at 1,024 tokens of a 2752 × 1024 layer, 15 MiB beyond the product).
-    Chunks of ≤ _BLOCK_ELEMENTS // (rows + cols) tokens bound those copies; each chunk's product is written
-    into the N × rows result (1,024 tokens: 7.5 against 7.0 ms whole). One token: a matrix-vector product."""
+    copies aᵀ and its own result whole. Chunks of tokens (`_token_chunk`) bound those copies; each chunk's
+    product is written into the N × rows result. `python benchmarks/csr_timings.py` (its kernels table, 2
+    threads, 1,024 tokens of 2752 × 1024): 1.73 MiB beyond the result in chunks, 14.76 MiB whole, at a cost in
+    time (7.9 against 4.2 ms: the chunks parallelise worse). One token: a matrix-vector product."""
     with _exact(a):
         if a.shape[0] == 1:
             return torch.mv(matrix, a[0])[None]
@@ -342,8 +342,9 @@ def csr_grad(dy: torch.Tensor, x: torch.Tensor, layout: Layout, dtype) -> torch.
 
     The kernel reads dyᵀ row-major and x column-major (other layouts it copies whole, unbounded): the tokens go
     in chunks of ≤ _BLOCK_ELEMENTS // (out + in), each transposed into those layouts, accumulated with beta=1.
-    CPU, 1 thread, 2752 × 1024 at LoRA r=8's count: 1,024 tokens 13 ms, 128 tokens 1.2 ms, against 49 and 6.3 ms
-    for the dense dyᵀx read at the support."""
+    `python benchmarks/csr_timings.py` (kernels table, 2 threads, 2752 × 1024 at LoRA r=8's count): 1,024 tokens
+    7.7 ms and 1.73 MiB, 128 tokens 1.7 ms and 0.96 MiB, against 18.2 / 2.4 ms and 10.98 MiB for the dense dyᵀx
+    read at the support."""
     n, out_features = dy.shape
     in_features = x.shape[1]
     crow, col = layout.csr(out_features)
