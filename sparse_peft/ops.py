@@ -294,8 +294,8 @@ def _csr_rows(matrix: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 def _token_chunk(n_tokens: int, width: int) -> int:
     """Tokens per chunk of a CSR product or SDDMM whose copies are `width` entries per token: ≤ _BLOCK_ELEMENTS
     entries, and ≤ an eighth of the call's tokens (at least 16), so that with few tokens, where a layer's
-    activations are small, its transients stay small beside them (1 × 128 tokens of a 1024-wide model: the
-    step's peak 1.03x LoRA's with chunks of 69 tokens, 1.02x with 16)."""
+    activations are small, its transients stay small beside them (the 1 × 128-token rows of
+    `python benchmarks/peak.py` are where that shows)."""
     return min(max(1, _BLOCK_ELEMENTS // width), max(16, n_tokens // 8))
 
 
@@ -750,8 +750,8 @@ def decode_into(out: torch.Tensor, x: torch.Tensor, values, layout: Layout, scal
     """out += scale · Δ x (+ scaling · B A x) in place, for one token (x: 1 × ... × in) at inference, as one
     sparse matrix-vector product (plus two thin ones for a low-rank part) into the base layer's own output.
 
-    Decoding is a few tiny kernels per layer per token, and on a CPU each costs ~5 µs of thread start-up
-    whatever its size: an update, a scaling and an add would be three. Returns False, doing nothing, where
+    Decoding is a few tiny kernels per layer per token, each with a fixed cost whatever its size: adding into
+    the base output in place saves the update's own tensor and the add. Returns False, doing nothing, where
     this path does not apply (another dtype, no CSR kernel, autograd on); the caller adds the update itself."""
     if (torch.is_grad_enabled() or x.numel() != x.shape[-1] or out.dtype != values.dtype or x.dtype != values.dtype
             or not out.is_contiguous() or layout is None or not csr_works(x.device, x.dtype)):
