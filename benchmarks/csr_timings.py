@@ -1,6 +1,8 @@
 """The CSR product against the older paths, and the adapter's share of a decoding forward (issue #17).
 
-    python benchmarks/csr_timings.py            # about four minutes on 2 cores; prints six Markdown tables
+    python benchmarks/csr_timings.py            # about four minutes on 2 cores; prints seven Markdown tables
+    python benchmarks/csr_timings.py samples    # only the tables named (forward training share prompt kernels
+                                                # per_call samples)
 
 1. Forward of an unstructured update alone, x Δᵀ, at LoRA r=8's count ((out + in)·8 entries), per path:
    `ops.csr_times` (the support's CSR pattern from an `ops.Layout`), the gather, dense row blocks; and PEFT-LoRA-
@@ -21,6 +23,9 @@
 6. Per-call work of one decoding call (one token, no grad) on a 256 × 256 layer, where the products cost
    almost nothing: PEFT LoRA against SpIEL, SaRA and DSEE at LoRA r=8's count, and the base layer alone. 2
    threads, best of 5 × 20,000 calls, µs.
+7. A mixed batch at decoding (`layer.DECODE_SAMPLES_MAX`): an adapter's n one-token samples as one CSR product
+   over the group (`ops.csr_times`) against one matrix-vector product per sample into its row (`ops.decode_add`),
+   1024 × 1024 at LoRA r=8's count, 2 threads, best of 5 × 5,000 calls, µs.
 """
 
 from __future__ import annotations
@@ -200,6 +205,32 @@ def per_call_table() -> str:
     return "\n".join(lines)
 
 
+def samples_table() -> str:
+    """A mixed batch at decoding: an adapter's n one-token samples as one CSR product over the group against n
+    matrix-vector products, each into its sample's row (`layer.DECODE_SAMPLES_MAX`)."""
+    torch.set_num_threads(2)
+    out_f, in_f = 1024, 1024
+    k, idx = _support(out_f, in_f)
+    values = torch.randn(k)
+    layout = ops.Layout(idx, in_f)
+    lines = ["| samples | one CSR product over the group (µs) | one matrix-vector product per sample (µs) |",
+             "|---|---|---|"]
+    with torch.no_grad():
+        for n in (1, 2, 4, 8):
+            x, y = torch.randn(n, in_f), torch.zeros(n, out_f)
+
+            def each():
+                for j in range(n):
+                    ops.decode_add(y[j], x[j], values, layout)
+
+            group = _best(lambda: ops.csr_times(x, values, layout, out_f), 5000, 5)
+            lines.append(f"| {n} | {group * 1e6:.1f} | {_best(each, 5000, 5) * 1e6:.1f} |")
+    return "\n".join(lines)
+
+
+TABLES = {"forward": forward_table, "training": training_table, "share": decoding_share_table, "prompt": prompt_table,
+          "kernels": kernels_table, "per_call": per_call_table, "samples": samples_table}
+
 if __name__ == "__main__":
-    for table in (forward_table, training_table, decoding_share_table, prompt_table, kernels_table, per_call_table):
-        print(table() + "\n", flush=True)
+    for name in sys.argv[1:] or TABLES:
+        print(TABLES[name]() + "\n", flush=True)

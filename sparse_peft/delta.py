@@ -141,15 +141,40 @@ class Delta:
             y = x.new_zeros(*x.shape[:-1], self.out_features, dtype=self.values.dtype)
         return y
 
-    def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
-        """out += x ΔWᵀ in place for one token at inference (decoding), where ops.decode_into applies: an
-        unstructured part (plus a low-rank one) and nothing else. False, with out untouched, elsewhere."""
-        if self.values is None or not self.values.numel() or self.row_block is not None or self.col_block is not None:
-            return False
+    def decodes_into(self) -> bool:
+        """Whether decode_add can add this update: every form but SaRA's after its progressive step (its values
+        are then a copy with the frozen slots written in; the general path applies them), an unstructured part
+        only where torch's CSR kernels run (the support's pattern, a Layout, is what they read)."""
         if self.frozen_slots is not None and self.frozen_slots.numel():
-            return False  # SaRA after its progressive step: effective_values is a copy; the general path applies it
-        lora = (self.lora_A, self.lora_B, self.scaling) if self.lora_A is not None else ()
-        return ops.decode_into(out, x, self.values, self.layout, self.sparse_scale, *lora)
+            return False
+        if self.values is not None and self.values.numel():
+            return self.layout is not None and ops.csr_works(self.values.device, self.values.dtype)
+        return True
+
+    def decode_add(self, y: torch.Tensor, v: torch.Tensor) -> None:
+        """y += ΔW v in place, for one token at inference (y: out, v: in, in the update's dtype; decodes_into true):
+        one matrix-vector product per part, each added straight into y."""
+        scale = self.sparse_scale
+        if self.values is not None and self.values.numel():
+            lora = (self.lora_A, self.lora_B, self.scaling) if self.lora_A is not None else ()
+            ops.decode_add(y, v, self.values, self.layout, scale, *lora)
+        elif self.lora_A is not None:
+            ops.decode_low_rank(y, v, self.lora_A, self.lora_B, self.scaling)
+        if self.row_block is not None:
+            ops.decode_rows(y, v, self.row_block, self.row_index, self.row_span, scale)
+        if self.col_block is not None:
+            ops.decode_columns(y, v, self.col_block, self.col_index, self.col_span, scale)
+
+    def apply_into(self, x: torch.Tensor, out: torch.Tensor) -> bool:
+        """out += x ΔWᵀ in place for one token at inference (decoding), where decode_add applies. False, with out
+        untouched, elsewhere (autograd on, several tokens, another dtype, a form decode_add does not take)."""
+        dtype = self.reference.dtype
+        if (torch.is_grad_enabled() or x.numel() != x.shape[-1] or out.dtype != dtype or x.dtype != dtype
+                or not out.is_contiguous() or not self.decodes_into()):
+            return False
+        with ops._exact(x):
+            self.decode_add(out.view(-1), x.reshape(-1))
+        return True
 
     def add_to(self, weight: torch.Tensor, sign: float = 1.0) -> torch.Tensor:
         """weight += sign · ΔW, in place, for a (out × in) weight (a transposed view is fine).

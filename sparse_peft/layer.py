@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from typing import Any, Optional
@@ -64,6 +65,59 @@ def dequantized_weight(backend, base: nn.Module) -> torch.Tensor:
     absmax = state.absmax.float().T.reshape(rows, cols // state.blocksize)
     weight = state.code.float()[codes.long()] * absmax.repeat_interleave(state.blocksize, dim=1)
     return weight.to(getattr(state, "original_dtype", weight.dtype))
+
+
+# a mixed batch at decoding: an adapter's samples up to this many get their update one by one (matrix-vector
+# products into their rows of the output); more share one product over the group, gathered and scattered.
+# `python benchmarks/csr_timings.py samples`: two matrix-vector products cost what one CSR product over two tokens
+# does (and save the gather and the scatter); over four tokens the one product is clearly cheaper
+DECODE_SAMPLES_MAX = 2
+
+class _DecodePlan:
+    """What SparseLayer._decoding_delta keeps per adapter: the Delta decode_add reads, and what it was made from
+    (every stored tensor of the adapter on the layer, their versions, the two scales) to tell when it is stale.
+    A class with slots, checked in one loop: this runs per layer per token, where every allocation shows."""
+
+    __slots__ = ("tensors", "versions", "scaling", "sparse_scale", "delta", "dtype", "device_type")
+
+    def __init__(self, layer: "SparseLayer", name: str):
+        self.tensors = _stored(layer, name)
+        self.versions = [None if t is None else t._version for t in self.tensors]
+        self.scaling, self.sparse_scale = layer.sparse_scaling.get(name, 1.0), layer.sparse_part_scale.get(name, 1.0)
+        delta = layer.get_delta(name)
+        if delta is not None and delta.frozen_slots is not None and delta.frozen_slots.numel():
+            # SaRA after its progressive step: the values with the frozen ones written in, made once per plan
+            delta = dataclasses.replace(delta, values=delta.effective_values(scaled=False), frozen_slots=None,
+                                        frozen_values=None)
+        self.delta = delta if delta is not None and delta.decodes_into() else None
+        reference = None if self.delta is None else self.delta.reference
+        self.dtype, self.device_type = (None, None) if reference is None else (reference.dtype, reference.device.type)
+
+    def holds(self, layer: "SparseLayer", name: str) -> bool:
+        if layer.sparse_scaling.get(name, 1.0) != self.scaling or layer.sparse_part_scale.get(name, 1.0) != self.sparse_scale:
+            return False
+        modules, i = layer._modules, 0
+        for key in PARAMETER_NAMES:
+            tensor = modules[key]._parameters.get(name)
+            if tensor is not self.tensors[i] or (tensor is not None and tensor._version != self.versions[i]):
+                return False
+            i += 1
+        for key in _BUFFER_NAMES:
+            tensor = modules[key]._buffers.get(name)
+            if tensor is not self.tensors[i] or (tensor is not None and tensor._version != self.versions[i]):
+                return False
+            i += 1
+        return True
+
+
+_BUFFER_NAMES = (*INDEX_NAMES, *FROZEN_NAMES)
+
+
+def _stored(layer: "SparseLayer", name: str) -> list:
+    """Every tensor adapter `name` stores on the layer (None where it has none), parameters then buffers."""
+    modules = layer._modules
+    return ([modules[key]._parameters.get(name) for key in PARAMETER_NAMES]
+            + [modules[key]._buffers.get(name) for key in _BUFFER_NAMES])
 
 
 class SparseLayer(BaseTunerLayer):
@@ -260,6 +314,12 @@ class SparseLayer(BaseTunerLayer):
             else:
                 b.copy_(torch.rand(b.shape, generator=g) * 2 / math.sqrt(b.shape[1]) - 1 / math.sqrt(b.shape[1]))
 
+    def delete_adapter(self, adapter_name: str) -> None:
+        # the state derived from the adapter's tensors (index layouts, the decoding plan) goes with them
+        for cache in ("_sparse_layouts", "_sparse_decode"):
+            self.__dict__.get(cache, {}).pop(adapter_name, None)
+        super().delete_adapter(adapter_name)
+
     # -- reading an adapter ----------------------------------------------------------------------
     def get_delta(self, adapter_name: str, whole: bool = False) -> Optional[Delta]:
         """The update of one adapter on this layer as a `Delta`, or None if it has none here.
@@ -434,6 +494,10 @@ class SparseLayer(BaseTunerLayer):
             return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
+        if not args and not kwargs and x.numel() == x.shape[-1] and not torch.is_grad_enabled():
+            decoded = self._decode(x)
+            if decoded is not None:
+                return decoded
         if self.sparse_uncalibrated and self.training and torch.is_grad_enabled():
             pending = [name for name in self.active_adapters if name in self.sparse_uncalibrated]
             if pending:
@@ -464,6 +528,46 @@ class SparseLayer(BaseTunerLayer):
             result = result + (update if update.dtype == result.dtype else update.to(result.dtype))
         return result
 
+    def _decode(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """Decoding: one token at inference, one active adapter. The base layer's output with the update added into
+        it in place (Delta.decode_add) by the Delta kept between calls (_decoding_delta): a call is then the
+        products and a few identity checks. None where this path does not apply; the general path runs then."""
+        if not self._decodes_in_place or self.quantization_backend is not None or _global_forward_hooks:
+            return None
+        name = self._active_adapter  # a name, or a list of them
+        if not isinstance(name, str):
+            if len(name) != 1:
+                return None  # several adapters: the general path
+            name = name[0]
+        base = self._modules["base_layer"]
+        if base._forward_hooks or isinstance(base, BaseTunerLayer):
+            return None  # a hook that may keep the base output; a stacked tuner layer
+        delta = self._decoding_delta(name, x)
+        if delta is None:
+            return None
+        result = base(x)
+        if not result.is_contiguous():  # a base layer of another kind, say: the update added the general way
+            return result + self._delta_forward(x, delta).to(result.dtype)
+        delta.decode_add(result.view(-1), x.reshape(-1))
+        return result
+
+    def _decoding_delta(self, name: str, x: torch.Tensor) -> Optional[Delta]:
+        """Adapter `name`'s update as a Delta that Delta.decode_add takes, kept between calls, for inputs like x
+        (its dtype, autocast off); None where there is none or decode_add cannot add it.
+
+        At decoding sizes get_delta's lookups and the general path's checks cost more than the products (PEFT's
+        LoRA layer is the yardstick: `python benchmarks/serving.py --forward`). The kept Delta is used only while
+        every tensor the adapter stores on this layer is the very one it was made from, unwritten since (their
+        versions), and the scales are unchanged: a reload, a regrowth, an optimizer step, a new or deleted part,
+        SaRA's frozen slots each make a new one."""
+        plan = self.__dict__.setdefault("_sparse_decode", {}).get(name)
+        if plan is None or not plan.holds(self, name):
+            plan = self._sparse_decode[name] = _DecodePlan(self, name)
+        delta = plan.delta
+        if delta is None or x.dtype is not plan.dtype or torch.is_autocast_enabled(plan.device_type):
+            return None
+        return delta
+
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Sample i gets adapter adapter_names[i] ("__base__": none): the base output, plus each
         adapter's update computed on its own samples only."""
@@ -476,22 +580,36 @@ class SparseLayer(BaseTunerLayer):
             result = self.quantization_backend.maybe_clone_base_result(result)
         # in place into the base output, unless a forward hook on the base layer has seen (and may keep) it
         in_place = not self.get_base_layer()._forward_hooks and not _global_forward_hooks
-        for name, rows in self._sample_groups(adapter_names, x.device):
+        # decoding (one token per sample, no autograd), few samples per adapter: each sample's update added into its
+        # row by decode_add, fewer and cheaper calls than a gather, a product over the group and a scatter
+        decoding = (in_place and self._decodes_in_place and not torch.is_grad_enabled() and result.is_contiguous()
+                    and x.numel() == len(x) * x.shape[-1])
+        for name, rows, listed in self._sample_groups(adapter_names, x.device):
+            delta = self._decoding_delta(name, x) if decoding and len(listed) <= DECODE_SAMPLES_MAX else None
+            if delta is not None:
+                out, inp = result.view(len(x), -1), x.reshape(len(x), -1)
+                for row in listed:
+                    delta.decode_add(out[row], inp[row])
+                continue
             delta = self.get_delta(name)
             if delta is not None:
                 update = self._delta_forward(x.index_select(0, rows), delta).to(result.dtype)
                 result = result.index_add_(0, rows, update) if in_place else result.index_add(0, rows, update)
         return result
 
-    def _sample_groups(self, adapter_names: list[str], device) -> list[tuple[str, torch.Tensor]]:
-        """(adapter, the rows of its samples) for each adapter named in a mixed batch, "__base__" left out, kept
-        for the last list of names seen: generate passes the same names at every step, so they are made once."""
+    def _sample_groups(self, adapter_names: list[str], device) -> list[tuple[str, torch.Tensor, list[int]]]:
+        """(adapter, the rows of its samples as a tensor and as a list) for each adapter named in a mixed batch,
+        "__base__" left out, kept for the last list of names seen: generate passes the same names at every step,
+        so they are made once (and the list is never read back from the device)."""
         key = (tuple(adapter_names), device)
         kept = self.__dict__.get("_sparse_groups")
         if kept is not None and kept[0] == key:
             return kept[1]
-        groups = [(name, torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=device))
-                  for name in dict.fromkeys(adapter_names) if name != "__base__"]
+        groups = []
+        for name in dict.fromkeys(adapter_names):
+            if name != "__base__":
+                listed = [i for i, n in enumerate(adapter_names) if n == name]
+                groups.append((name, torch.tensor(listed, device=device), listed))
         self.__dict__["_sparse_groups"] = (key, groups)
         return groups
 

@@ -756,12 +756,36 @@ def decode_into(out: torch.Tensor, x: torch.Tensor, values, layout: Layout, scal
     if (torch.is_grad_enabled() or x.numel() != x.shape[-1] or out.dtype != values.dtype or x.dtype != values.dtype
             or not out.is_contiguous() or layout is None or not csr_works(x.device, x.dtype)):
         return False
-    v, y = x.reshape(-1), out.view(-1)
     with _exact(x):
-        if lora_a is not None:
-            y.addmv_(lora_b, torch.mv(lora_a, v), alpha=scaling)
-        y.addmv_(_csr_matrix(values, layout, y.shape[0], v.shape[0]), v, alpha=scale)
+        decode_add(out.view(-1), x.reshape(-1), values, layout, scale, lora_a, lora_b, scaling)
     return True
+
+
+def decode_add(y: torch.Tensor, v: torch.Tensor, values, layout: Layout, scale=1.0, lora_a=None, lora_b=None,
+               scaling=1.0) -> None:
+    """decode_into's products on vectors, y += scale · Δ v (+ scaling · B A v), for a caller that has checked its
+    conditions (and holds autocast off) already."""
+    if lora_a is not None:
+        decode_low_rank(y, v, lora_a, lora_b, scaling)
+    y.addmv_(_csr_matrix(values, layout, y.shape[0], v.shape[0]), v, alpha=scale)
+
+
+def decode_low_rank(y: torch.Tensor, v: torch.Tensor, lora_a, lora_b, scaling=1.0) -> None:
+    """y += scaling · B A v: two thin matrix-vector products, the second added into y."""
+    y.addmv_(lora_b, torch.mv(lora_a, v), alpha=scaling)
+
+
+def decode_rows(y: torch.Tensor, v: torch.Tensor, block, rows, span=None, scale=1.0) -> None:
+    """y[rows] += scale · block v (block: len(rows) × in), the rows a slice where they are one range."""
+    if span is not None:
+        y[span[0] : span[1]].addmv_(block, v, alpha=scale)
+    else:
+        y.index_add_(0, rows, torch.mv(block, v), alpha=scale)
+
+
+def decode_columns(y: torch.Tensor, v: torch.Tensor, block, cols, span=None, scale=1.0) -> None:
+    """y += scale · block v[cols] (block: out × len(cols)), the columns a slice where they are one range."""
+    y.addmv_(block, v[span[0] : span[1]] if span is not None else v.index_select(0, cols), alpha=scale)
 
 
 def merged_sparse_linear(x, weight, bias, values, indices, probe=None, lora_a=None, lora_b=None, scaling=1.0):

@@ -147,3 +147,116 @@ def test_a_mixed_batch_leaves_the_output_a_base_layer_hook_kept():
     for handle in handles:
         handle.remove()
     torch.testing.assert_close(kept[0], copies[0])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_decoding_reads_the_adapter_once_not_per_token(method, monkeypatch):
+    # one token at inference goes through the Delta a layer keeps between calls: get_delta (its lookups, the
+    # layout's checks) runs once per layer, not once per layer per token; every method's update takes this path
+    model = _randomized(get_peft_model(tiny_llama(), method_config(method, target_modules="all-linear"))).eval()
+    layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    calls = []
+    real = SparseLayer.get_delta
+    monkeypatch.setattr(SparseLayer, "get_delta", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    ids = torch.randint(0, 128, (1, 1))
+    with torch.no_grad():
+        model(input_ids=ids)
+        assert len(calls) == len(layers)
+        for _ in range(3):
+            model(input_ids=ids)
+    assert len(calls) == len(layers)
+    assert all(layer._sparse_decode["default"].delta is not None for layer in layers)
+
+
+def test_the_kept_decoding_update_follows_every_change_to_the_adapter():
+    # the kept Delta must never outlive what it was made from: an optimizer step (in place), a reloaded tensor
+    # (a new Parameter), a new scale, SaRA-style frozen slots, another active adapter, a deleted adapter
+    model = get_peft_model(tiny_llama(), method_config("dsee", target_modules="all-linear"))
+    model.add_adapter("other", method_config("dsee", target_modules="all-linear", seed=5))
+    _randomized(model).eval()
+    layer = model.base_model.model.model.layers[0].mlp.gate_proj
+    x = torch.randn(1, 1, layer.in_features, generator=torch.Generator().manual_seed(6))
+
+    def check(adapter="default"):
+        dense = layer.get_base_layer().weight.double() + layer.get_delta_weight(adapter).double()
+        torch.testing.assert_close(layer(x).double(), x.double() @ dense.t(), rtol=1e-5, atol=1e-6)
+
+    with torch.no_grad():
+        check()
+        layer.sparse_values["default"].mul_(-2)  # an optimizer step
+        layer.sparse_lora_B["default"].add_(0.1)
+        check()
+        layer.sparse_values["default"] = torch.nn.Parameter(torch.randn_like(layer.sparse_values["default"]))
+        check()
+        layer.sparse_part_scale["default"] = 3.0
+        layer.sparse_scaling["default"] = 0.5
+        check()
+        k = layer.sparse_values["default"].numel()
+        layer.freeze_slots("default", torch.arange(k) % 3 == 0)
+        before = layer.sparse_frozen_values["default"].clone()
+        check()
+        assert layer._sparse_decode["default"].delta is not None  # decoded with the frozen values written in
+        layer.sparse_frozen_values["default"].mul_(2)
+        assert not torch.equal(before, layer.sparse_frozen_values["default"])
+        check()
+        model.set_adapter("other")
+        check("other")
+    model.delete_adapter("default")
+    assert "default" not in layer._sparse_decode and "default" not in layer.__dict__.get("_sparse_layouts", {})
+    with torch.no_grad():
+        check("other")
+
+
+def test_decoding_rows_and_columns_in_any_order_equals_dense():
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f = 12, 10
+    v = torch.randn(in_f, generator=g, dtype=torch.float64)
+    rows, cols = torch.tensor([7, 2, 9], dtype=torch.int32), torch.tensor([4, 0, 8, 1], dtype=torch.int32)
+    row_block = torch.randn(3, in_f, generator=g, dtype=torch.float64)
+    col_block = torch.randn(out_f, 4, generator=g, dtype=torch.float64)
+    for span_rows, span_cols in ((None, None), ((3, 6), (2, 6))):
+        r = rows if span_rows is None else torch.arange(*span_rows)
+        c = cols if span_cols is None else torch.arange(*span_cols)
+        dense = torch.zeros(out_f, in_f, dtype=torch.float64)
+        dense[r.long()] += row_block
+        dense[:, c.long()] += col_block
+        y0 = torch.randn(out_f, generator=g, dtype=torch.float64)
+        y = y0.clone()
+        ops.decode_rows(y, v, row_block, r, span_rows, scale=0.5)
+        ops.decode_columns(y, v, col_block, c, span_cols, scale=0.5)
+        torch.testing.assert_close(y, y0 + 0.5 * dense @ v)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_decoding_mixed_batch_gives_each_sample_its_adapters_token(method):
+    # one token per sample: "other" has two samples (each added into its row on its own), "default" three (one
+    # product over the group); both must give what each adapter gives alone
+    model = get_peft_model(tiny_llama(), method_config(method, target_modules="all-linear"))
+    model.add_adapter("other", method_config(method, target_modules="all-linear", seed=7))
+    _randomized(model).eval()
+    names = ["default", "other", "__base__", "default", "default", "other"]
+    ids = torch.randint(0, 128, (len(names), 1), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).logits
+        for name in ("default", "other", "__base__"):
+            rows = [i for i, n in enumerate(names) if n == name]
+            if name == "__base__":
+                with model.disable_adapter():
+                    alone = model(input_ids=ids[rows]).logits
+            else:
+                model.set_adapter(name)
+                alone = model(input_ids=ids[rows]).logits
+            torch.testing.assert_close(mixed[rows], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_decoding_mixed_batch_leaves_the_output_a_base_layer_hook_kept():
+    model = _randomized(get_peft_model(tiny_llama(), method_config("dsee", target_modules="all-linear"))).eval()
+    base = model.base_model.model.model.layers[0].mlp.gate_proj.get_base_layer()
+    copies, kept = [], []
+    handles = [base.register_forward_hook(lambda m, i, out: copies.append(out.clone()) or None),
+               base.register_forward_hook(lambda m, i, out: kept.append(out))]
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 128, (2, 1)), adapter_names=["default", "__base__"])
+    for handle in handles:
+        handle.remove()
+    torch.testing.assert_close(kept[0], copies[0])
