@@ -18,8 +18,9 @@
 5. Training's kernels one at a time (2 threads): the weight gradient at the support by torch's SDDMM in token
    chunks (`ops.csr_grad`) against the dense dyᵀx read at the support, and the CSR forward in token chunks
    (`ops.csr_times`) against one whole product; ms, and the most MiB each forms beyond its result
-   (`sparse_peft.memory.peak_memory`). Then SaRA's nuclear-norm factors (`nuclear_factors`) on 2752 × 1024:
-   the full SVD against nuclear_norm_rank=8, the peak (the factors included) in units of the layer's fp32 weight.
+   (`sparse_peft.memory.peak_memory`). Then SaRA's nuclear-norm subgradient read at the support (LoRA r=8's
+   count of entries): the full SVD of the dense ΔW, the Gram matrix's eigendecomposition (`nuclear_subgradient`,
+   the default on large layers) and nuclear_norm_rank=8; the peak in units of the layer's fp32 weight, seconds.
 6. Per-call work of one decoding call (one token, no grad) on a 256 × 256 layer, where the products cost
    almost nothing: PEFT LoRA against SpIEL, SaRA and DSEE at LoRA r=8's count, and the base layer alone. 2
    threads, best of 5 × 20,000 calls, µs.
@@ -144,7 +145,7 @@ def prompt_table() -> str:
 def kernels_table() -> str:
     from sparse_peft.delta import Delta
     from sparse_peft.memory import peak_memory
-    from sparse_peft.methods.sara import nuclear_factors
+    from sparse_peft.methods.sara import nuclear_factors, nuclear_subgradient
 
     torch.set_num_threads(2)
 
@@ -167,15 +168,19 @@ def kernels_table() -> str:
                      measure(lambda: ops.csr_times(x, v, layout, out_f), calls),
                      measure(lambda: (matrix @ x.t()).t(), calls)]
             lines.append(f"| {out_f} × {in_f} | {n} | " + " | ".join(f"{t:.1f}, {m:.2f}" for t, m in cells) + " |")
-    g = torch.Generator().manual_seed(0)
-    flat = torch.randperm(2752 * 1024, generator=g)[:30_208].sort().values.int()
-    delta = Delta(2752, 1024, values=torch.randn(30_208, generator=g), indices=flat)
-    weight = 2752 * 1024 * 4
-    lines += ["", "| SaRA's nuclear-norm factors, 2752 × 1024 | peak, factors included, in fp32 weights |", "|---|---|"]
-    for rank in (None, 8):
-        with peak_memory() as peak:
-            nuclear_factors(delta, rank)
-        lines.append(f"| {'full SVD' if rank is None else f'nuclear_norm_rank={rank}'} | {peak.bytes / weight:.2f} |")
+    lines += ["", "| SaRA's nuclear-norm subgradient | full SVD (peak in fp32 weights, s) | Gram + eigh, the default "
+              "(peak, s) | nuclear_norm_rank=8 (peak, s) |", "|---|---|---|---|"]
+    for out_f, in_f in SHAPES:
+        k, flat = _support(out_f, in_f)
+        delta = Delta(out_f, in_f, values=torch.randn(k, generator=torch.Generator().manual_seed(0)), indices=flat)
+        ways = [lambda: delta.factor_grad_parts(*nuclear_factors(delta)[1:]),
+                lambda: nuclear_subgradient(delta), lambda: nuclear_subgradient(delta, rank=8)]
+        cells = []
+        for way in ways:
+            with peak_memory() as peak:
+                way()
+            cells.append(f"{peak.bytes / (out_f * in_f * 4):.2f}, {_best(way, 1, 2):.2f}")
+        lines.append(f"| {out_f} × {in_f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -230,6 +230,20 @@ class Delta:
             parts[COL_BLOCK] = left @ right[self.col_index.long()].t()
         return parts
 
+    @torch.no_grad()
+    def entry_grad_parts(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """factor_grad_parts's dict from G already read at each of sparse_entries()'s positions, in its order."""
+        parts, at = {}, 0
+        for name, tensor in ((VALUES, self.values), (ROW_BLOCK, self.row_block), (COL_BLOCK, self.col_block)):
+            if tensor is None or not tensor.numel():
+                continue
+            part = grad[at : at + tensor.numel()].reshape(tensor.shape) * self.sparse_scale
+            at += tensor.numel()
+            if name == VALUES and self.frozen_slots is not None and self.frozen_slots.numel():
+                part[self.frozen_slots.long()] = 0
+            parts[name] = part.to(tensor.dtype)
+        return parts
+
     def sparse_matrix(self) -> torch.Tensor:
         """The sparse parts as one coalesced sparse COO (out × in) float32 tensor (repeats summed), for
         factorisations that only multiply by it (torch.svd_lowrank): nothing of out × in is formed."""

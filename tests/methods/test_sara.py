@@ -313,3 +313,58 @@ def test_a_corrupt_frozen_mask_is_refused_and_the_model_left_as_it_was(tmp_path,
     with pytest.raises(ValueError, match="sparse_frozen_mask"):
         PeftModel.from_pretrained(base, str(tmp_path))
     assert not any(isinstance(m, SparseLayer) for m in base.modules())
+
+
+def _svd_subgradient(dense: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """float64 reference: ‖ΔW‖_* and U·Vᵀ over the non-zero singular values, from torch's full SVD."""
+    u, s, vh = torch.linalg.svd(dense.double(), full_matrices=False)
+    keep = s > s.max() * 1e-9 if s.max() > 0 else s < 0
+    return float(s.sum()), u[:, keep] @ vh[keep]
+
+
+@pytest.mark.parametrize("shape, k, rows_only", [((300, 120), 2000, None), ((120, 300), 2000, None),
+                                                 ((200, 200), 3000, None), ((300, 120), 600, 6)])
+def test_the_gram_subgradient_equals_the_full_svds(shape, k, rows_only):
+    # tall, wide, square, and rank-deficient (entries in 6 rows only: empty rows and columns are left out of the
+    # Gram, or eigh would face hundreds of repeated zero eigenvalues)
+    from sparse_peft.methods.sara import nuclear_subgradient
+
+    g = torch.Generator().manual_seed(1)
+    out_f, in_f = shape
+    pool = out_f * in_f if rows_only is None else rows_only * in_f
+    flat = torch.randperm(pool, generator=g)[:k].sort().values
+    if rows_only is not None:
+        chosen = torch.randperm(out_f, generator=g)[:rows_only].sort().values
+        flat = (chosen[flat // in_f] * in_f + flat % in_f).sort().values
+    values = torch.randn(k, generator=g) * 1e-3
+    values[::7] = 0  # zero-valued entries read the subgradient too
+    delta = Delta(out_f, in_f, values=values, indices=flat.int(), sparse_scale=2.0,
+                  frozen_slots=torch.tensor([3], dtype=torch.int32), frozen_values=torch.zeros(1))
+    dense = delta.dense(torch.float64)
+    norm, parts = nuclear_subgradient(delta, gram_above=0)  # these small layers would take the SVD
+    want_norm, want = _svd_subgradient(dense)
+    assert norm == pytest.approx(want_norm, rel=1e-5)
+    want = 2.0 * want.flatten()[flat]
+    want[3] = 0
+    # a square random ΔW has a few singular values near 1e-4 · σ_max, which fp32's Gram leaves out or blurs
+    tol = 2e-2 if out_f == in_f else 1e-4
+    got = parts["sparse_values"].double()
+    assert (got - want).norm() <= tol * want.norm()
+
+
+def test_the_gram_subgradient_forms_nothing_of_the_weights_size():
+    from sparse_peft.memory import peak_memory
+    from sparse_peft.methods.sara import nuclear_subgradient
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.randperm(2752 * 1024, generator=g)[:30_000].sort().values.int()
+    delta = Delta(2752, 1024, values=torch.randn(30_000, generator=g), indices=flat)
+    with peak_memory("cpu") as peak:
+        norm, parts = nuclear_subgradient(delta)
+    # the 1024 × 1024 Gram, eigh's eigenvectors and workspace: four of 1024 × 1024, 1.5 of this fp32 weight,
+    # where the full SVD of the dense ΔW comes to ~3.4
+    assert peak.bytes < 1.6 * 2752 * 1024 * 4
+    assert norm == pytest.approx(float(torch.linalg.svdvals(delta.dense()).sum()), rel=1e-4)
+    zero = Delta(40, 30, values=torch.zeros(50), indices=torch.arange(0, 100, 2, dtype=torch.int32))
+    norm, parts = nuclear_subgradient(zero, gram_above=0)
+    assert norm == 0 and not parts["sparse_values"].any()
