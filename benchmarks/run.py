@@ -84,7 +84,9 @@ class Spec:
 def method_kwargs(name: str, budget: Budget) -> dict:
     """SparseConfig fields that give method `name` LoRA's trainable count."""
     if METHODS[name].target_roles:  # the method picks its own layers (S²FT: o_proj, down_proj): LoRA's total over them
-        return dict(num_trainable=budget.lora)
+        # whole heads pooled over the layers: on a model with few layers, one head per layer would be far more
+        # than LoRA's count (1.6x on benchmarks/peak.py's 2-layer wide model; 1.17x pooled)
+        return dict(num_trainable=budget.lora, allocation="global")
     fields = dict(lora_budget(name, R), target_modules=TARGETS)  # LoRA's rank, shared with a low-rank part if any
     if any(f.name == "warmup_steps" for f in knob_fields(METHODS[name])):
         fields["warmup_steps"] = MASK_WARMUP  # RoSA: a mask chosen within the short fine-tuning run

@@ -190,9 +190,10 @@ class SparseConfig(PeftConfig):
         default="uniform",
         metadata={
             "help": "How a structured budget is spread over layers. 'uniform': every layer trains its own budget. "
-            "'global': the same total per module role, pooled over all layers (all attention-output heads, all "
-            "FFN down channels), then picked by `selection` (the top scores of the pool, or a uniform draw for "
-            "'random'), so each layer's count varies. Needs structure 'rows' or 'columns'."
+            "'global': one pool per module role over all layers (all attention-output heads, all FFN down "
+            "channels), the layers' shares summed and rounded to whole units once (so a layer may get none, where "
+            "'uniform' gives each at least one), then picked by `selection` (the top scores of the pool, or a "
+            "uniform draw for 'random'), so each layer's count varies. Needs structure 'rows' or 'columns'."
         },
     )
     coupled_rows: Optional[list[str]] = field(
@@ -529,7 +530,20 @@ class SparseConfig(PeftConfig):
 
         Rows and columns come in whole groups of `group` (heads); the count is a multiple of it.
         """
+        return self.pool_budget(structure, out_features, in_features, [module_key], group)
+
+    def pool_budget(self, structure: str, out_features: int, in_features: int, module_keys: list[str],
+                    group: int = 1) -> int:
+        """How many entries, rows or columns the layers `module_keys` (all of this shape) train together, as one
+        pool (allocation="global"): each layer's share summed, then rounded to whole groups once, at least one
+        group in the pool rather than in every layer. One key: a layer's own budget."""
         size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
+        k = sum(self._share(structure, out_features, in_features, key, size) for key in module_keys)
+        units = min(size * len(module_keys) // group, max(1, round(k / group)))
+        return units * group
+
+    def _share(self, structure: str, out_features: int, in_features: int, module_key: str, size: int) -> float:
+        """A layer's budget before rounding to whole groups."""
         own = self.method_impl.budget(self, structure, out_features, in_features)
         if own is not None:  # the method counts its own units (e.g. PaCA's r columns)
             k = own
@@ -539,8 +553,7 @@ class SparseConfig(PeftConfig):
             k = (self.equivalent_rank - self.r) * (in_features + out_features) / per_unit
         else:
             k = self.density_for(module_key) * size
-        units = min(size // group, max(1, round(k / group)))
-        return units * group
+        return k
 
 
 _FIELDS = {f.name for f in dataclasses.fields(SparseConfig)}

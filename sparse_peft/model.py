@@ -353,8 +353,8 @@ class SparseModel(BaseTuner):
             pools.setdefault((role, layer.delta_shape, self._head_size(config, key)), []).append(key)
         for (role, shape, group), keys in pools.items():
             members = [layers[key] for key in keys]
-            # the total that uniform allocation would give these layers, spread by score instead
-            k = sum(config.budget(config.structure, *shape, key, group) for key in keys)
+            # the layers' shares pooled, rounded to whole units once (a layer may get none), spread by score
+            k = config.pool_budget(config.structure, *shape, keys, group)
             supports = select_global(
                 config.selection, config.structure, k, shape, module_seed(config.seed, role),
                 [m._base_weight_2d for m in members], group,

@@ -305,6 +305,18 @@ def test_global_allocation_keeps_the_total_and_varies_by_layer_deterministically
     assert any(not torch.equal(first[n], idx) for n, idx in _index(other, "sparse_col_index").items())
 
 
+def test_global_allocation_rounds_the_pool_once_not_every_layer():
+    # o_proj's share is 0.3 heads per layer: uniform gives every layer one head (4 heads, 13x its share), the pool
+    # rounds 4 x 0.3 = 1.2 heads once: one head, in one of the layers
+    base = _llama(layers=4)
+    config = dict(method="s2ft", module_density={"o_proj": 0.3 * 8 / 32}, density=0.25)
+    uniform = _counts(get_peft_model(copy.deepcopy(base), SparseConfig(**config)))
+    pooled = _counts(get_peft_model(copy.deepcopy(base), SparseConfig(**config, allocation="global")))
+    assert uniform["o_proj"] == [8] * 4
+    assert sorted(pooled["o_proj"]) == [0, 0, 0, 8]
+    assert sum(pooled["down_proj"]) == sum(uniform["down_proj"])
+
+
 def test_global_magnitude_picks_the_largest_columns_of_all_layers_together():
     base = _llama(layers=3)
     model = get_peft_model(copy.deepcopy(base), SparseConfig(method="s2ft", selection="magnitude", density=0.25,
