@@ -22,7 +22,11 @@ RoSA's warm-up (benchmarks/run.py's 4 steps) pools gradient statistics until its
 steps 5-7 are the steady state (SaRA penalises the 2752-row gate and up projections there). AdamW's
 state is created before step 1 (a zero-gradient step, which changes no weight), so that it counts as
 existing memory, not as step 1's peak. The wide model has 2 layers, so
-S²FT's whole heads round its count up (the trainable column shows it).
+S²FT's whole heads, pooled over the layers, still round its count up (the trainable column shows it).
+
+The *floor* row is the frozen model alone, backpropagating into the embedding output as every setup does:
+its own activations and their gradients, which no method goes below (with SwiGLU's backward at 1 × 128
+tokens it is 0.84x LoRA's step on the wide model).
 
 Then one layer at a time, path by path: each path of sparse_peft/ops.py (gather aside), GGPO's
 perturbed layer and a Conv2d, forward + backward at 128 tokens, what it saves for backward and its
@@ -77,10 +81,14 @@ def shapes(wide: bool) -> list[tuple[int, int, int, int]]:
 
 
 def setups() -> list[str]:
-    return ["PEFT LoRA", *METHODS]
+    return ["floor", "PEFT LoRA", *METHODS]
 
 
 def build(name: str, base, budget, device: str = "cpu"):
+    if name == "floor":  # the frozen model alone, backpropagating into the embedding output: no method goes lower
+        model = copy.deepcopy(base).requires_grad_(False).to(device)
+        model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())
+        return model.train(), None, None, 0
     specs = {s.name: s for s in run.specs()}
     model = run.get_peft_model(copy.deepcopy(base), specs[name].config(budget)).to(device)
     # as in run.py: every setup backpropagates into the embedding output
@@ -98,6 +106,8 @@ def build(name: str, base, budget, device: str = "cpu"):
 
 def step(model, opt, scheduler, ids) -> None:
     model(input_ids=ids, labels=ids).loss.backward()
+    if opt is None:
+        return  # the floor: nothing trains
     if scheduler is not None:
         scheduler.before_optimizer_step()
     opt.step()
@@ -192,6 +202,8 @@ def _layer_paths(out_f: int, in_f: int, n: int, device: str = "cpu"):
         ("rows, `row_linear`", lambda: F.linear(x, w) + ops.row_linear(x, row_block, rows, out_f, (0, rows.numel()))),
         ("columns, `column_linear`",
          lambda: F.linear(x, w) + ops.column_linear(x, col_block, cols, (0, cols.numel()))),
+        ("columns and the frozen base in one op (S²FT, PaCA)",
+         lambda: ops.column_linear(x, col_block, cols, (0, cols.numel()), w)),
         ("unstructured 0.10%, sparse kernels",
          lambda: F.linear(x, w) + ops.sparse_linear(x, v_small, idx_small, out_f)),
         (f"unstructured {density:.2%}, row blocks", lambda: F.linear(x, w) + ops.sparse_linear(x, v, idx, out_f)),

@@ -140,7 +140,7 @@ def peak_table(hiddens: list[int], names: list[str]) -> str:
     spec = importlib.util.spec_from_file_location("benchmarks_peak", os.path.join(os.path.dirname(os.path.abspath(__file__)), "peak.py"))
     peak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(peak)
-    peak.setups = lambda: ["PEFT LoRA", *names]
+    peak.setups = lambda: ["floor", "PEFT LoRA", *names]
     columns, cells = [], {}
     for hidden in hiddens:
         layers = 4 if hidden == 256 else 2

@@ -691,10 +691,20 @@ class Linear(_Module):
             )
 
     def _fused_forward(self, x, delta):
-        # One GEMM against a scratch W + S (ops.MergedSparseLinear) instead of base GEMM + sparse
-        # product: only for a plain, frozen nn.Linear with no hooks (the base layer's forward is
-        # skipped), an unstructured Δ (plus, for DSEE and SLTrain, a low-rank part, folded into the
-        # same scratch weight), and trainable tensors of the weight's dtype (no rounding of Δ).
+        # The whole layer in one op, the base layer's forward skipped: only for a plain, frozen nn.Linear with no
+        # hooks and trainable tensors of the weight's dtype (no rounding of Δ). Trainable input columns alone
+        # (S²FT, PaCA): ops.ColumnLinear with the base weight, one dx in backward. An unstructured Δ (plus, for
+        # DSEE and SLTrain, a low-rank part, folded into the same scratch weight): one GEMM against a scratch
+        # W + S (ops.MergedSparseLinear) where ops.scratch_pays says it beats base GEMM + sparse product.
+        base = self.get_base_layer()
+        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
+            return None
+        weight, bias = base.weight, base.bias
+        if weight.requires_grad or (bias is not None and bias.requires_grad):
+            return None
+        if (delta.col_block is not None and delta.values is None and delta.row_block is None and delta.lora_A is None
+                and delta.col_block.dtype == weight.dtype == x.dtype and not torch.is_autocast_enabled(x.device.type)):
+            return ops.column_linear(x, delta._scaled(delta.col_block), delta.col_index, delta.col_span, weight, bias)
         if not (delta.values is not None and delta.values.numel()) or any(
             t is not None for t in (delta.row_block, delta.col_block)
         ):
@@ -702,11 +712,7 @@ class Linear(_Module):
         n_tokens = x.numel() // x.shape[-1]
         if n_tokens == 1:
             return None  # decoding: the base layer's product plus the update's own is always the faster path
-        base = self.get_base_layer()
-        if type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
-            return None
-        weight, bias = base.weight, base.bias
-        if weight.requires_grad or (bias is not None and bias.requires_grad) or weight.dtype != delta.values.dtype:
+        if weight.dtype != delta.values.dtype:
             return None
         if delta.lora_A is not None and delta.lora_A.dtype != weight.dtype:
             return None

@@ -656,35 +656,47 @@ class ColumnLinear(Function):
     on paper but would pin the storage of the whole of x. This is the activation saving of S²FT:
     a layer that trains s of its in columns keeps s/in of its input. When the columns are one
     contiguous range (`span`), a slice copy replaces the gather and scatter (~2.5x faster on CPU).
+
+    Given the frozen base layer's `weight` (and `bias`, of the block's dtype), the whole layer in one op:
+    y = x Wᵀ + b + x[..., cols] blockᵀ, and in backward a single dx, dy W with the columns' part added into
+    it in place. Apart, autograd sums two full dx tensors (the base layer's and this op's) into a third,
+    all alive at once: on down_proj at 1 × 128 tokens that sum set S²FT's step peak (benchmarks/peak.py).
+    W is saved as a reference (it exists anyway); nothing of x beyond its columns.
     """
 
     @staticmethod
-    def forward(ctx, x, block, cols, span=None):
+    def forward(ctx, x, block, cols, span=None, weight=None, bias=None):
         x2 = _rows2d(x)
         # a copy either way (clone of the slice), never a view that would pin the whole of x
         x_sel = x2[:, span[0] : span[1]].clone() if span is not None else x2.index_select(1, cols)
-        y = x_sel.to(block.dtype) @ block.t()
-        ctx.save_for_backward(x_sel if ctx.needs_input_grad[1] else None, block, cols)
+        if weight is None:
+            y = x_sel.to(block.dtype) @ block.t()
+        else:
+            y = torch.nn.functional.linear(x2, weight, bias).addmm_(x_sel, block.t())
+        ctx.save_for_backward(x_sel if ctx.needs_input_grad[1] else None, block, cols, weight)
         ctx.x_meta, ctx.span = (x.shape, x.dtype), span
         return y.reshape(*x.shape[:-1], block.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        x_sel, block, cols = ctx.saved_tensors
+        x_sel, block, cols, weight = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
         dy2 = _rows2d(dy).to(block.dtype)
         dx = dblock = None
         if ctx.needs_input_grad[0]:
-            dx2 = dy2.new_zeros((dy2.shape[0], x_shape[-1]), dtype=x_dtype)
+            if weight is None:
+                dx2 = dy2.new_zeros((dy2.shape[0], x_shape[-1]), dtype=x_dtype)
+            else:
+                dx2 = dy2 @ weight
             part = (dy2 @ block).to(x_dtype)
             if ctx.span is not None:
-                dx2[:, ctx.span[0] : ctx.span[1]] = part
+                dx2[:, ctx.span[0] : ctx.span[1]] += part
             else:
                 dx2.index_add_(1, cols.long(), part)  # int64: see RowLinear
             dx = dx2.reshape(x_shape)
         if ctx.needs_input_grad[1]:
             dblock = dy2.t() @ x_sel.to(block.dtype)
-        return dx, dblock, None, None
+        return dx, dblock, None, None, None, None
 
 
 class LowRankLinear(Function):
@@ -798,10 +810,10 @@ def row_linear(x, block, rows, out_features: int, span=None) -> torch.Tensor:
     return RowLinear.apply(x, block, rows, out_features, span)
 
 
-def column_linear(x, block, cols, span=None) -> torch.Tensor:
+def column_linear(x, block, cols, span=None, weight=None, bias=None) -> torch.Tensor:
     if not torch.is_grad_enabled():
-        return ColumnLinear.forward(_NoContext(), x, block, cols, span)
-    return ColumnLinear.apply(x, block, cols, span)
+        return ColumnLinear.forward(_NoContext(), x, block, cols, span, weight, bias)
+    return ColumnLinear.apply(x, block, cols, span, weight, bias)
 
 
 class _NoContext:

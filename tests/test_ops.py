@@ -55,6 +55,38 @@ def test_gradcheck_columns():
     assert gradcheck(lambda x, b: ops.column_linear(x, b, cols), (_x(), block))
 
 
+@pytest.mark.parametrize("span", [None, (1, 3)])
+def test_gradcheck_columns_with_the_frozen_base_in_one_op(span):
+    # the whole layer: x Wᵀ + b + x[:, cols] blockᵀ, W and b frozen, against the dense float64 math
+    cols = torch.tensor([0, 3] if span is None else [1, 2], dtype=torch.int32)
+    block = torch.randn(OUT, 2, dtype=D, requires_grad=True)
+    w, b = torch.randn(OUT, IN, dtype=D), torch.randn(OUT, dtype=D)
+    assert gradcheck(lambda x, blk: ops.column_linear(x, blk, cols, span, w, b), (_x(), block))
+    x = _x()
+    dense = w.clone()
+    dense[:, cols.long()] += block.detach()
+    torch.testing.assert_close(ops.column_linear(x, block, cols, span, w, b), x @ dense.t() + b)
+
+
+def test_the_column_op_with_its_base_forms_one_dx():
+    # apart, autograd sums the base layer's dx and the update's into a third N × in tensor; in one op dx is one
+    from sparse_peft.memory import peak_memory
+
+    n, out_f, in_f = 256, 64, 512
+    x = torch.randn(n, in_f, requires_grad=True)
+    w, dy = torch.randn(out_f, in_f), torch.randn(n, out_f)
+    block, cols = torch.zeros(out_f, 8, requires_grad=True), torch.arange(0, in_f, 64)
+    peaks = []
+    for forward in (lambda: torch.nn.functional.linear(x, w) + ops.column_linear(x, block, cols),
+                    lambda: ops.column_linear(x, block, cols, None, w)):
+        x.grad = block.grad = None
+        with peak_memory() as peak:
+            forward().backward(dy)
+        peaks.append(peak.bytes)
+    one_dx = n * in_f * 4
+    assert peaks[0] - peaks[1] >= 1.9 * one_dx
+
+
 def test_gradcheck_low_rank():
     a = torch.randn(3, IN, dtype=D, requires_grad=True)
     b = torch.randn(OUT, 3, dtype=D, requires_grad=True)
