@@ -496,6 +496,9 @@ class SparseLinear(Function):
     def _backward(ctx, dy2, x, values, indices, lora_a, lora_b, x_shape, x_dtype):
         shape = (dy2.shape[1], x_shape[-1])
         scale = ctx.scale
+        if ctx.probe is not None:  # first: its transients (a weight-gradient block, a pool merge) come and go
+            # before dx and the gradients exist, not on top of them (RoSA's warm-up, SpIEL's window)
+            _run_probe(ctx.probe, dy2 if scale == 1.0 else dy2 * scale, _rows2d(x))
         dx = dvalues = da = db = None
         g = None if lora_a is None else (dy2.to(lora_b.dtype) @ lora_b) * ctx.scaling  # gradient at h = x Aᵀ, N × r
         if ctx.needs_input_grad[0]:
@@ -515,8 +518,6 @@ class SparseLinear(Function):
                 da = g.t() @ x2
             if ctx.needs_input_grad[8]:
                 db = (dy2.to(lora_b.dtype).t() @ (x2 @ lora_a.t())).mul_(ctx.scaling)
-        if ctx.probe is not None:
-            _run_probe(ctx.probe, dy2 if scale == 1.0 else dy2 * scale, _rows2d(x))
         return dx, dvalues, None, None, None, None, None, da, db, None
 
 
@@ -551,6 +552,8 @@ class MergedSparseLinear(Function):
         x, weight, values, indices, lora_a, lora_b = ctx.saved_tensors
         x_shape, x_dtype = ctx.x_meta
         dy2 = _rows2d(dy)
+        if ctx.probe is not None:  # first, as in SparseLinear
+            _run_probe(ctx.probe, dy2.to(values.dtype), _rows2d(x))
         dx = dvalues = da = db = None
         if ctx.needs_input_grad[0]:
             blocks = _merged_blocks(weight, values, indices, lora_a, lora_b, ctx.scaling)
@@ -559,8 +562,6 @@ class MergedSparseLinear(Function):
             dvalues, da, db = _grads_from_blocks(dy2.to(values.dtype), _rows2d(x), indices, lora_a, lora_b, ctx.scaling)
         elif ctx.needs_input_grad[3]:
             dvalues = grad_at(dy2.to(values.dtype), _rows2d(x), indices, values.dtype)
-        if ctx.probe is not None:
-            _run_probe(ctx.probe, dy2.to(values.dtype), _rows2d(x))
         return dx, None, None, dvalues, None, None, da, db, None
 
 

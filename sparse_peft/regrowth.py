@@ -30,21 +30,27 @@ def top_positions(
     in_features: int,
     n: int,
     exclude: Optional[torch.Tensor] = None,
+    nonnegative: bool = False,
+    int32: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The n flat positions of an (out × in) score matrix with the largest |score|, and their scores.
 
     The matrix is never whole: `block_scores(r0, r1)` gives rows r0:r1, and a running top-n is
-    kept across blocks. Positions in `exclude` (sorted flat indices) never qualify.
-    Returns positions sorted ascending, with their signed scores.
+    kept across blocks. Positions in `exclude` (sorted flat indices) never qualify. `nonnegative`:
+    the scores are ≥ 0 (sums of squares), so |score| is the score itself and no copy of it is made.
+    Returns positions sorted ascending (int64; with `int32`, int32 where they fit), with their signed scores.
+    The running top-n holds its positions in int32 where they fit: it is the larger part of what a merge forms
+    (RoSA's warm-up steps).
     """
     step = max(1, (ops._BLOCK_ELEMENTS // 4) // in_features)  # a block, its |·| and its scores' temporaries: ≤ 1 MiB together
-    best_pos = torch.empty(0, dtype=torch.long)
+    position = torch.int32 if out_features * in_features <= torch.iinfo(torch.int32).max else torch.long
+    best_pos = torch.empty(0, dtype=position)
     best_val = torch.empty(0)
     floor = -math.inf  # once n are kept, the smallest |score| among them: a block's entries at or below it cannot enter
     for r0 in range(0, out_features, step):
         r1 = min(r0 + step, out_features)
         block = block_scores(r0, r1).reshape(-1).float()
-        key = block.abs()
+        key = block if nonnegative else block.abs()
         if exclude is not None and exclude.numel():
             lo, hi = torch.searchsorted(exclude.long(), torch.tensor([r0 * in_features, r1 * in_features])).tolist()
             key[exclude[lo:hi].long() - r0 * in_features] = -math.inf
@@ -56,15 +62,17 @@ def top_positions(
         else:
             top = torch.topk(key, min(n, key.numel())).indices
             top = top[key[top] > -math.inf]
-        best_pos = torch.cat([best_pos.to(top.device), top + r0 * in_features])
+        best_pos = torch.cat([best_pos.to(top.device), (top + r0 * in_features).to(position)])
         best_val = torch.cat([best_val.to(block.device), block[top]])
+        del block, key, top  # not alive through the merge
         if best_pos.numel() > n:
-            top = torch.topk(best_val.abs(), n).indices
+            top = torch.topk(best_val if nonnegative else best_val.abs(), n).indices
             best_pos, best_val = best_pos[top], best_val[top]
+            del top
         if best_pos.numel() == n and n:
-            floor = float(best_val.abs().min())
+            floor = float(best_val.min() if nonnegative else best_val.abs().min())
     order = best_pos.argsort()
-    return best_pos[order], best_val[order]
+    return (best_pos[order] if int32 else best_pos[order].long()), best_val[order]
 
 
 @dataclass
@@ -192,11 +200,20 @@ class SquaredGradientPool:
         def block(r0: int, r1: int) -> torch.Tensor:
             g = (dy32[:, r0:r1].t() @ x32).square_()
             if pool is not None:
-                lo, hi = torch.searchsorted(pool, torch.tensor([r0 * in_features, r1 * in_features], device=pool.device)).tolist()
+                bounds = torch.tensor([r0 * in_features, r1 * in_features], dtype=pool.dtype, device=pool.device)
+                lo, hi = torch.searchsorted(pool, bounds).tolist()
                 g.view(-1).index_add_(0, pool[lo:hi] - r0 * in_features, sums[lo:hi].to(g.device))
             return g
 
-        self.candidates, self.sums = top_positions(block, out_features, in_features, self.n)
+        # int32 positions where they fit: the pool is kept from step to step, 8 bytes per candidate rather than 12
+        candidates, sums = top_positions(block, out_features, in_features, self.n, nonnegative=True, int32=True)
+        if pool is not None and pool.shape == candidates.shape:
+            # into the pool's own storage: it is state carried from step to step (as an optimizer's is), kept in
+            # place rather than reallocated every backward
+            pool.copy_(candidates)
+            self.sums.copy_(sums)
+        else:
+            self.candidates, self.sums = candidates, sums
 
 
 def attach_probes(layers: dict, adapter: str, make: Callable) -> list:

@@ -123,7 +123,7 @@ class GradientMask:
                 continue  # no backward reached this layer in the warm-up: its placeholder stays (counted below)
             candidates, sums = gather_candidates(probe.candidates, probe.sums)
             top = torch.topk(sums, min(k, sums.numel())).indices
-            chosen = candidates[top].sort().values
+            chosen = candidates[top].long().sort().values
             if chosen.numel() < k:  # fewer candidates than slots (a tiny layer): keep placeholders for the rest
                 rest = indices.long()[~torch.isin(indices.long(), chosen)][: k - chosen.numel()]
                 chosen = torch.cat([chosen, rest]).sort().values

@@ -395,3 +395,16 @@ def test_top_positions_replaces_kept_entries_in_place_exactly(seed, monkeypatch)
     expected = masked.topk(37).indices.sort().values
     assert pos.tolist() == expected.tolist()
     assert torch.equal(val, scores.reshape(-1)[expected])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_top_positions_of_nonnegative_scores_in_int32_are_the_same_top_n(seed, monkeypatch):
+    # RoSA's pool: sums of squares (no |·| copy needed) and int32 positions (the pool it keeps is 8 bytes a slot)
+    monkeypatch.setattr(ops, "_BLOCK_ELEMENTS", 4 * 20 * 3)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(50, 20, generator=g).square() * torch.linspace(0.1, 3, 50)[:, None]
+    exclude = torch.randperm(1000, generator=g)[:40].sort().values
+    pos, val = top_positions(lambda r0, r1: scores[r0:r1].clone(), 50, 20, 37, exclude)
+    pos32, val32 = top_positions(lambda r0, r1: scores[r0:r1].clone(), 50, 20, 37, exclude, nonnegative=True, int32=True)
+    assert pos32.dtype == torch.int32 and pos.dtype == torch.int64
+    assert pos32.tolist() == pos.tolist() and torch.equal(val32, val)
