@@ -162,8 +162,7 @@ class SparseModel(BaseTuner):
             raise
 
     def _check_injected(self, adapter_name: str) -> None:
-        """What can only be checked once every target has its layer: names that matched nothing, a total
-        budget that whole units could not honour."""
+        """What can only be checked once every target has its layer: names that matched nothing."""
         config = self.peft_config[adapter_name]
         keys = list(adapter_layers(self.model, adapter_name))
         for suffix in config.module_density or {}:
@@ -173,15 +172,22 @@ class SparseModel(BaseTuner):
                     f"module_density key {suffix!r} matches no adapted module (adapted modules end in {names}): "
                     "fix the key (a module name or its suffix) or add that module to target_modules"
                 )
+
+    def _check_total(self, adapter_name: str) -> None:
+        """Once the supports are chosen (choose_supports; pooled ones included): a total budget that whole units
+        could not honour."""
+        config = self.peft_config[adapter_name]
         if config.num_trainable is not None:
             chosen, _ = self._layers_of(adapter_name)  # coupled rows follow their partner: outside the budget
             got = sum(d.num_sparse() for d in (m.get_delta(adapter_name) for m in chosen.values()) if d is not None)
             if abs(got - config.num_trainable) > 0.05 * config.num_trainable:
+                pooled = config.allocation == "global"
                 warnings.warn(
                     f"num_trainable={config.num_trainable:,} was asked, but {got:,} sparse parameters train "
                     f"({got / config.num_trainable - 1:+.0%}): each layer trains whole units (rows, columns, or heads "
-                    "of head_dim columns) and at least one. For a closer total use allocation='global' (one pool over "
-                    "the layers), fewer target modules, or a budget per layer (density).",
+                    "of head_dim columns) and " + ("each pool of layers at least one. For a closer total use "
+                    if pooled else "at least one. For a closer total use allocation='global' (one pool over the "
+                    "layers), ") + "fewer target modules, or a budget per layer (density).",
                     stacklevel=4,
                 )
 
@@ -331,6 +337,8 @@ class SparseModel(BaseTuner):
             layer.calibrate_support(adapter_name, self._layer_config(config, key), key, support=rows)
             if adapter_name in source.sparse_uncalibrated:
                 layer.sparse_uncalibrated[adapter_name] = True
+        if not waiting:
+            self._check_total(adapter_name)
 
     def _layers_of(self, adapter_name: str) -> tuple[dict, dict]:
         """The adapter's layers by module name: those that choose their support, and the coupled row

@@ -317,6 +317,25 @@ def test_global_allocation_rounds_the_pool_once_not_every_layer():
     assert sum(pooled["down_proj"]) == sum(uniform["down_proj"])
 
 
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_a_missed_total_is_reported_as_trained(allocation):
+    # the count in the warning is what trains once the supports are chosen, pooled ones included
+    import re
+    import warnings
+
+    base = _llama(layers=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = get_peft_model(copy.deepcopy(base), SparseConfig(method="s2ft", num_trainable=1500, allocation=allocation))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    said = [w for w in caught if "num_trainable=1,500 was asked" in str(w.message)]
+    # one head per layer of o_proj makes uniform miss by far; the pool rounds once and lands close
+    assert (abs(trained - 1500) > 75) == (allocation == "uniform") == (len(said) == 1)
+    if said:
+        assert int(re.search(r"but ([\d,]+) sparse", str(said[0].message)).group(1).replace(",", "")) == trained
+        assert "allocation='global'" in str(said[0].message)
+
+
 def test_global_magnitude_picks_the_largest_columns_of_all_layers_together():
     base = _llama(layers=3)
     model = get_peft_model(copy.deepcopy(base), SparseConfig(method="s2ft", selection="magnitude", density=0.25,
