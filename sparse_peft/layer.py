@@ -73,6 +73,7 @@ def dequantized_weight(backend, base: nn.Module) -> torch.Tensor:
 # does (and save the gather and the scatter); over four tokens the one product is clearly cheaper
 DECODE_SAMPLES_MAX = 2
 
+
 class _DecodePlan:
     """What SparseLayer._decoding_delta keeps per adapter: the Delta decode_add reads, and what it was made from
     (every stored tensor of the adapter on the layer, their versions, the two scales) to tell when it is stale.
@@ -532,7 +533,8 @@ class SparseLayer(BaseTunerLayer):
         """Decoding: one token at inference, one active adapter. The base layer's output with the update added into
         it in place (Delta.decode_add) by the Delta kept between calls (_decoding_delta): a call is then the
         products and a few identity checks. None where this path does not apply; the general path runs then."""
-        if not self._decodes_in_place or self.quantization_backend is not None or _global_forward_hooks:
+        if (not self._decodes_in_place or self.quantization_backend is not None or _global_forward_hooks
+                or (self.sparse_noise and self.training)):  # LoRA-GGPO perturbs the base in training mode
             return None
         name = self._active_adapter  # a name, or a list of them
         if not isinstance(name, str):
