@@ -665,7 +665,8 @@ and keeps the largest-magnitude entries. The sparse structure rows use `equivale
 (half the budget each); a low-rank-only preset gets `r={R}`; a preset that picks its own layers (S²FT:
 o_proj and down_proj) gets `num_trainable` = LoRA's total over all seven targets, spread over the
 layers it picks, so that every row trains as many parameters as LoRA. Rows and columns come
-in whole rows and columns (S²FT's in whole heads of o_proj), so counts differ from LoRA's by a rounding.
+in whole rows and columns (S²FT's in whole heads of o_proj, pooled over the layers with
+`allocation='global'`), so counts differ from LoRA's by a rounding.
 
 ## How to read it
 
