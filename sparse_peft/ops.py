@@ -63,6 +63,7 @@ This module knows nothing of PEFT, configs or methods: tensors in, tensors out.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 from torch.autograd import Function
@@ -208,6 +209,12 @@ def _kernel_works(kernel: str, device: torch.device, dtype: torch.dtype, check) 
                 _KERNEL_WORKS[key] = bool(check(device, dtype))
         except (RuntimeError, NotImplementedError, TypeError):
             _KERNEL_WORKS[key] = False
+        if not _KERNEL_WORKS[key]:
+            # correct either way, but slower and with ≤ 1 MiB scratch blocks: say so once, at INFO (bf16 on a CPU,
+            # an expected case, would make a warning noise)
+            logging.getLogger("sparse_peft").info(
+                "torch's sparse %s kernel does not run for %s on %s: the unstructured update takes the row-block or "
+                "fused path there (exact; slower, with scratch blocks of at most 1 MiB)", kernel, dtype, device.type)
     return _KERNEL_WORKS[key]
 
 

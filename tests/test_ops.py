@@ -409,3 +409,16 @@ def test_one_token_at_inference_is_a_matrix_vector_product():
             got = ops.sparse_linear(x, v, layout.indices, OUT, None, layout, 1.5, a, b, 0.5)
         assert got.shape == (*x.shape[:-1], OUT)
         torch.testing.assert_close(got, x @ dense.t())
+
+
+def test_a_sparse_kernel_that_does_not_run_is_said_once(monkeypatch, caplog):
+    # correct either way, but a user on an unusual device should be able to learn why it is slower
+    import logging
+
+    monkeypatch.setattr(ops, "_KERNEL_WORKS", {})
+    with caplog.at_level(logging.INFO, logger="sparse_peft"):
+        assert not ops.sddmm_works(torch.device("cpu"), torch.bfloat16)
+        assert not ops.sddmm_works(torch.device("cpu"), torch.bfloat16)  # asked again: answered from the cache
+        assert ops.csr_works(torch.device("cpu"), torch.float32)
+    said = [r for r in caplog.records if "does not run" in r.getMessage()]
+    assert len(said) == 1 and "bfloat16" in said[0].getMessage() and "sddmm" in said[0].getMessage()
