@@ -210,29 +210,21 @@ class Delta:
     def factor_grad_parts(self, left: torch.Tensor, right: torch.Tensor) -> dict[str, torch.Tensor]:
         """The gradient of ⟨G, ΔW⟩ with respect to each sparse part, by the part's name (VALUES, ROW_BLOCK,
         COL_BLOCK), for G = left · right given by its factors (left: out × q, right: q × in; a nuclear norm's
-        U·Vᵀ); frozen slots get none. G is read at the support only, never formed: for the values, one dot
-        product of length q per entry, in chunks of ≤ ops._BLOCK_ELEMENTS // q entries. For penalties applied
-        between backward and the optimizer step, so that no autograd graph runs through them."""
-        left, right = left * self.sparse_scale, right.t()
-        parts = {}
-        if self.values is not None and self.values.numel():
-            rows, cols = self.rows_cols()
-            part = torch.empty(rows.numel(), dtype=left.dtype, device=left.device)
-            step = max(1, ops._BLOCK_ELEMENTS // max(1, left.shape[1]))
-            for a in range(0, rows.numel(), step):
-                part[a : a + step] = torch.linalg.vecdot(left[rows[a : a + step]], right[cols[a : a + step]])
-            if self.frozen_slots is not None and self.frozen_slots.numel():
-                part[self.frozen_slots.long()] = 0
-            parts[VALUES] = part
-        if self.row_block is not None:
-            parts[ROW_BLOCK] = left[self.row_index.long()] @ right.t()
-        if self.col_block is not None:
-            parts[COL_BLOCK] = left @ right[self.col_index.long()].t()
-        return parts
+        U·Vᵀ); frozen slots get none. G is read at the support only, never formed: one dot product of length q
+        per entry of sparse_entries(), in chunks of ≤ ops._BLOCK_ELEMENTS // q entries, split by entry_grad_parts.
+        For penalties applied between backward and the optimizer step, so that no autograd graph runs through them."""
+        rows, cols = ops.split_flat(self.sparse_entries()[0], self.in_features)
+        right = right.t()
+        grad = torch.empty(rows.numel(), dtype=left.dtype, device=left.device)
+        step = max(1, ops._BLOCK_ELEMENTS // max(1, left.shape[1]))
+        for a in range(0, rows.numel(), step):
+            grad[a : a + step] = torch.linalg.vecdot(left[rows[a : a + step]], right[cols[a : a + step]])
+        return self.entry_grad_parts(grad)
 
     @torch.no_grad()
     def entry_grad_parts(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
-        """factor_grad_parts's dict from G already read at each of sparse_entries()'s positions, in its order."""
+        """The gradient of ⟨G, ΔW⟩ for each sparse part, by the part's name, from G already read at each of
+        sparse_entries()'s positions, in its order: scaled as the parts are applied, frozen slots given none."""
         parts, at = {}, 0
         for name, tensor in ((VALUES, self.values), (ROW_BLOCK, self.row_block), (COL_BLOCK, self.col_block)):
             if tensor is None or not tensor.numel():
@@ -241,7 +233,7 @@ class Delta:
             at += tensor.numel()
             if name == VALUES and self.frozen_slots is not None and self.frozen_slots.numel():
                 part[self.frozen_slots.long()] = 0
-            parts[name] = part.to(tensor.dtype)
+            parts[name] = part
         return parts
 
     def sparse_matrix(self) -> torch.Tensor:

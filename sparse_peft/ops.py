@@ -30,7 +30,7 @@ scratch is ≤ B entries, at most two alive at once (under torch.compile a layer
   (N × in) product, made in chunks of ≤ max(16, N // 8) and ≤ B // (out + in) tokens (torch copies its
   operand and result whole otherwise). The weight gradient at the support is torch's SDDMM (`csr_grad`),
   over the same chunks. One token at inference is a matrix-vector product added into the base
-  layer's output (`decode_into`). The patterns (int32 row pointers and columns, 4 bytes per entry;
+  layer's output (`decode_add`). The patterns (int32 row pointers and columns, 4 bytes per entry;
   Δᵀ's with the entries' order, 8 bytes per entry) are kept per support by the layer (`Layout`), made
   at creation or a support change, not per call. Inference takes this path except for long prompts,
   training below SCRATCH_TRAIN_ABOVE_DENSITY (`scratch_pays`); without a Layout (torch.compile) or for
@@ -756,35 +756,16 @@ def sparse_linear(x, values, indices, out_features: int, probe=None, layout=None
     """scale · x Δᵀ (+ scaling · x Aᵀ Bᵀ). `scale` on the product: no k-sized copy of the values, and no N × out
     one of dy in backward."""
     if not torch.is_grad_enabled():  # inference: the product alone, no autograd node (and no backward for a probe)
-        if x.numel() == x.shape[-1]:  # one token (decoding): matrix-vector products, where decode_into applies
-            y = x.new_zeros(out_features, dtype=values.dtype)
-            if decode_into(y, x, values, layout, scale, lora_a, lora_b, scaling):
-                return y.reshape(*x.shape[:-1], out_features)
         return SparseLinear.forward(_NoContext(), x, values, indices, out_features, None, layout, scale,
                                     lora_a, lora_b, scaling)
     return SparseLinear.apply(x, values, indices, out_features, probe, layout, scale, lora_a, lora_b, scaling)
 
 
-def decode_into(out: torch.Tensor, x: torch.Tensor, values, layout: Layout, scale=1.0, lora_a=None, lora_b=None,
-                scaling=1.0) -> bool:
-    """out += scale · Δ x (+ scaling · B A x) in place, for one token (x: 1 × ... × in) at inference, as one
-    sparse matrix-vector product (plus two thin ones for a low-rank part) into the base layer's own output.
-
-    Decoding is a few tiny kernels per layer per token, each with a fixed cost whatever its size: adding into
-    the base output in place saves the update's own tensor and the add. Returns False, doing nothing, where
-    this path does not apply (another dtype, no CSR kernel, autograd on); the caller adds the update itself."""
-    if (torch.is_grad_enabled() or x.numel() != x.shape[-1] or out.dtype != values.dtype or x.dtype != values.dtype
-            or not out.is_contiguous() or layout is None or not csr_works(x.device, x.dtype)):
-        return False
-    with _exact(x):
-        decode_add(out.view(-1), x.reshape(-1), values, layout, scale, lora_a, lora_b, scaling)
-    return True
-
-
 def decode_add(y: torch.Tensor, v: torch.Tensor, values, layout: Layout, scale=1.0, lora_a=None, lora_b=None,
                scaling=1.0) -> None:
-    """decode_into's products on vectors, y += scale · Δ v (+ scaling · B A v), for a caller that has checked its
-    conditions (and holds autocast off) already."""
+    """y += scale · Δ v (+ scaling · B A v) in place, for one token at inference (y: out, v: in): one sparse
+    matrix-vector product (plus two thin ones for a low-rank part) added into y, the base layer's own output
+    (Delta.decode_add; the caller has checked the dtypes and the CSR kernel, and holds autocast off)."""
     if lora_a is not None:
         decode_low_rank(y, v, lora_a, lora_b, scaling)
     y.addmv_(_csr_matrix(values, layout, y.shape[0], v.shape[0]), v, alpha=scale)

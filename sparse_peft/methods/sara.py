@@ -151,6 +151,12 @@ def nuclear_factors(delta, rank: Optional[int] = None) -> tuple[float, torch.Ten
     return float(s.sum()), u[:, keep], vh[keep]
 
 
+def _by_svd(delta, rank: Optional[int] = None) -> tuple[float, dict[str, torch.Tensor]]:
+    """nuclear_subgradient through nuclear_factors (the full SVD, or the randomized one of `rank`)."""
+    norm, u, vh = nuclear_factors(delta, rank)
+    return norm, delta.factor_grad_parts(u, vh)
+
+
 # directions of ΔW whose singular value is below this fraction of the largest are left out of the Gram path's
 # subgradient: the Gram matrix squares the singular values, so in fp32 weaker ones are not resolved
 GRAM_RESOLVES = 1e-4
@@ -172,12 +178,9 @@ def nuclear_subgradient(delta, rank: Optional[int] = None,
     MiB, take the exact full SVD. Should eigh not converge (many repeated eigenvalues), the full SVD runs
     instead, with a warning.
     """
-    if rank is not None and rank < min(delta.out_features, delta.in_features):
-        norm, u, vh = nuclear_factors(delta, rank)
-        return norm, delta.factor_grad_parts(u, vh)
-    if delta.out_features * delta.in_features <= gram_above:
-        norm, u, vh = nuclear_factors(delta)
-        return norm, delta.factor_grad_parts(u, vh)
+    if (rank is not None and rank < min(delta.out_features, delta.in_features)) or (
+            delta.out_features * delta.in_features <= gram_above):
+        return _by_svd(delta, rank)
     positions, values = delta.sparse_entries()  # as applied (scaled); a position may repeat across parts
     rows, cols = ops.split_flat(positions, delta.in_features)
     values = values.to(torch.promote_types(values.dtype, torch.float32))
@@ -218,8 +221,7 @@ def nuclear_subgradient(delta, rank: Optional[int] = None,
                       "update (many repeated singular values); this step used the full SVD of the dense update "
                       "instead (about 3.4x the layer's fp32 weight). nuclear_norm_rank avoids both.", stacklevel=3)
         del gram
-        norm, u, vh = nuclear_factors(delta)
-        return norm, delta.factor_grad_parts(u, vh)
+        return _by_svd(delta)
     del gram
     sigma = eigenvalues.clamp_(min=0).sqrt_()
     keep = sigma > sigma.max() * GRAM_RESOLVES if sigma.max() > 0 else torch.zeros_like(sigma, dtype=torch.bool)
