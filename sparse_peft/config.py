@@ -64,7 +64,8 @@ class SparseConfig(PeftConfig):
             Adapters whose supports this one must avoid (for fusion).
         allocation (`str`, defaults to `"uniform"`):
             "uniform": each layer trains its own budget. "global": the same total, pooled over the
-            layers per module (all o_proj heads, all down_proj channels), so counts vary by layer.
+            layers per module (all o_proj heads, all down_proj channels), so counts vary by layer;
+            without module_density the roles keep one total (a head rounded up takes channels back).
         coupled_rows (`list[str]`, *optional*):
             S²FT's other side: also train the output rows that produce the chosen units, by role:
             "ffn_up" (up and gate rows of the chosen FFN channels), "value" (value rows of the
@@ -193,7 +194,10 @@ class SparseConfig(PeftConfig):
             "'global': one pool per module role over all layers (all attention-output heads, all FFN down "
             "channels), the layers' shares summed and rounded to whole units once (so a layer may get none, where "
             "'uniform' gives each at least one), then picked by `selection` (the top scores of the pool, or a "
-            "uniform draw for 'random'), so each layer's count varies. Needs structure 'rows' or 'columns'."
+            "uniform draw for 'random'), so each layer's count varies. Without `module_density` the roles keep one "
+            "total: pools are rounded coarsest unit first and each later pool makes up what the earlier ones "
+            "rounded away (a head of o_proj rounded up takes FFN channels back). Needs structure 'rows' or "
+            "'columns'."
         },
     )
     coupled_rows: Optional[list[str]] = field(
@@ -533,14 +537,20 @@ class SparseConfig(PeftConfig):
         return self.pool_budget(structure, out_features, in_features, [module_key], group)
 
     def pool_budget(self, structure: str, out_features: int, in_features: int, module_keys: list[str],
-                    group: int = 1) -> int:
+                    group: int = 1, extra: float = 0.0) -> int:
         """How many entries, rows or columns the layers `module_keys` (all of this shape) train together, as one
-        pool (allocation="global"): each layer's share summed, then rounded to whole groups once, at least one
-        group in the pool rather than in every layer. One key: a layer's own budget."""
+        pool (allocation="global"): each layer's share summed, plus `extra` (what pools rounded before this one
+        left over, in this pool's units; negative where they took more), then rounded to whole groups once, at
+        least one group in the pool rather than in every layer. One key: a layer's own budget."""
         size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
-        k = sum(self._share(structure, out_features, in_features, key, size) for key in module_keys)
+        k = self.pool_share(structure, out_features, in_features, module_keys) + extra
         units = min(size * len(module_keys) // group, max(1, round(k / group)))
         return units * group
+
+    def pool_share(self, structure: str, out_features: int, in_features: int, module_keys: list[str]) -> float:
+        """The layers' budgets summed before any rounding, in entries, rows or columns."""
+        size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
+        return sum(self._share(structure, out_features, in_features, key, size) for key in module_keys)
 
     def _share(self, structure: str, out_features: int, in_features: int, module_key: str, size: int) -> float:
         """A layer's budget before rounding to whole groups."""

@@ -359,10 +359,21 @@ class SparseModel(BaseTuner):
         for key, layer in layers.items():
             role = re.sub(r"\.\d+(?=\.|$)", ".*", key)  # model.layers.*.mlp.down_proj
             pools.setdefault((role, layer.delta_shape, self._head_size(config, key)), []).append(key)
-        for (role, shape, group), keys in pools.items():
+        # One total over the roles: the pools are rounded coarsest unit first, and each later pool makes up what
+        # the ones before rounded away (a whole head of o_proj taken back from the FFN channels), in parameters.
+        # A density given per role (module_density) is each role's own: nothing moves between roles then.
+        def unit(pool) -> int:  # the parameters of one row (in_features) or one column (out_features)
+            out_features, in_features = pool[1]
+            return in_features if config.structure == "rows" else out_features
+
+        carry = 0.0  # parameters that the pools rounded so far left over (negative: they took more than their share)
+        for pool, keys in sorted(pools.items(), key=lambda item: -unit(item[0]) * item[0][2]):
+            role, shape, group = pool
             members = [layers[key] for key in keys]
             # the layers' shares pooled, rounded to whole units once (a layer may get none), spread by score
-            k = config.pool_budget(config.structure, *shape, keys, group)
+            k = config.pool_budget(config.structure, *shape, keys, group, carry / unit(pool))
+            if not config.module_density:
+                carry += (config.pool_share(config.structure, *shape, keys) - k) * unit(pool)
             supports = select_global(
                 config.selection, config.structure, k, shape, module_seed(config.seed, role),
                 [m._base_weight_2d for m in members], group,

@@ -317,6 +317,18 @@ def test_global_allocation_rounds_the_pool_once_not_every_layer():
     assert sum(pooled["down_proj"]) == sum(uniform["down_proj"])
 
 
+def test_global_pools_keep_one_total_over_the_roles():
+    # num_trainable=1000 on 4 layers: o_proj's pool is 1.3 heads, rounded to one (77 parameters short); the FFN pool,
+    # rounded after it, makes them up (23 columns rather than its own 20.8 -> 21), so the total is the one asked to
+    # within half a column, where rounding each role alone trains 928 (-7%)
+    base = _llama(layers=4)
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(method="s2ft", num_trainable=1000, allocation="global"))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    counts = _counts(model)
+    assert sum(counts["o_proj"]) == 8  # one whole head
+    assert abs(trained - 1000) <= 32 // 2 and sum(counts["down_proj"]) == 23
+
+
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_a_missed_total_is_reported_as_trained(allocation):
     # the count in the warning is what trains once the supports are chosen, pooled ones included
