@@ -12,6 +12,8 @@ from peft import LoraConfig, get_peft_model
 import sparse_peft
 from sparse_peft import SparseConfig
 
+from .largest import LargestCreated
+
 
 IN, OUT, RANK = 64, 48, 4
 
@@ -60,24 +62,6 @@ def test_no_sparse_layer_keeps_more_than_lora(structure, dtype):
         assert ours == x.shape[0] * x.shape[1] * cols * x.element_size()  # x[:, cols] and nothing else
 
 
-class _LargestNew(torch.utils._python_dispatch.TorchDispatchMode):
-    """The most elements of any float tensor an op creates (views and the model's own tensors left out)."""
-
-    def __init__(self, owned):
-        super().__init__()
-        self.owned, self.largest = owned, (0, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in torch.utils._pytree.tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and t.layout == torch.strided:
-                if t._is_view() or t.untyped_storage().data_ptr() in self.owned:
-                    continue
-                if t.numel() > self.largest[0]:
-                    self.largest = (t.numel(), func)
-        return out
-
-
 @pytest.mark.parametrize("method", sorted(sparse_peft.METHODS))
 def test_a_training_step_forms_nothing_of_a_weights_size(method):
     # issue #17: a layer larger than one block (2304 × 128 > 2^18 entries) at LoRA r=8's count (1.2% dense,
@@ -103,13 +87,12 @@ def test_a_training_step_forms_nothing_of_a_weights_size(method):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     scheduler = SparseScheduler(model, opt, total_steps=4)
     x = torch.randint(0, 64, (2, 16))
-    owned = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     for _ in range(3):
-        seen = _LargestNew(owned)
-        with seen:
+        with LargestCreated([*model.parameters(), *model.buffers()]) as seen:
             model(input_ids=x, labels=x).loss.backward()
             scheduler.before_optimizer_step()
             opt.step()
             scheduler.step()
             opt.zero_grad()
-        assert seen.largest[0] < weight, f"{seen.largest[1]} formed {seen.largest[0]} elements (the weight has {weight})"
+        most, op = seen.most()
+        assert most < weight, f"{op} formed {most} elements (the weight has {weight})"

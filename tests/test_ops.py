@@ -12,6 +12,8 @@ from sparse_peft import ops
 from sparse_peft.delta import Delta
 from sparse_peft.selection import random_subset
 
+from .largest import LargestCreated
+
 
 OUT, IN = 7, 5
 D = torch.float64
@@ -330,9 +332,7 @@ def test_fused_path_forms_no_whole_scratch_weight(monkeypatch):
     v = torch.randn(9, dtype=D, requires_grad=True)
     a, bb = torch.randn(2, IN, dtype=D, requires_grad=True), torch.randn(OUT, 2, dtype=D, requires_grad=True)
     x = torch.randn(4, IN, dtype=D, requires_grad=True)
-    from tests.test_perturbation import _LargestOutputs
-
-    with _LargestOutputs() as seen:
+    with LargestCreated() as seen:
         y = ops.merged_sparse_linear(x, w, b, v, flat.int(), None, a, bb, 0.5)
         grads = torch.autograd.grad(y.pow(2).sum(), (x, v, a, bb))
     assert seen.largest[D] < OUT * IN

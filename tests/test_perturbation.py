@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 from torch.utils.checkpoint import checkpoint
 
 from sparse_peft import perturbation as P
+
+from .largest import LargestCreated
 
 
 OUT, IN, R = 24, 40, 4
@@ -27,21 +27,6 @@ def _lora(dtype=D, seed=0):
 def _z(seed, shape=(OUT, IN)):
     """The noise drawn independently of the code under test."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
-
-
-class _LargestOutputs(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produces, per dtype."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self.largest[t.dtype] = max(self.largest.get(t.dtype, 0), t.numel())
-        return out
 
 
 # --- the norms -----------------------------------------------------------------------------------
@@ -63,7 +48,7 @@ def test_row_sq_norms_match_dense(dtype, block_rows, monkeypatch):
 def test_row_sq_norms_convert_one_block_at_a_time(monkeypatch):
     monkeypatch.setattr(P, "_ROW_BLOCK_ELEMENTS", 3 * IN)
     w = torch.randn(OUT, IN, dtype=torch.bfloat16)
-    with _LargestOutputs() as seen:
+    with LargestCreated() as seen:
         P.row_sq_norms(w)
     assert seen.largest[torch.float32] <= 3 * IN
 
@@ -91,9 +76,9 @@ def test_low_rank_grad_row_sq_norms_match_dense():
 
 def test_norms_never_form_an_out_by_in_tensor():
     a, b, ga, gb = _lora(torch.float32)
-    with _LargestOutputs() as seen:
+    with LargestCreated() as seen:
         P.ggpo_row_std(torch.ones(OUT), a, b, ga, gb, 2.0)
-    assert max(seen.largest.values()) <= max(OUT, IN) * R < OUT * IN
+    assert seen.most(floating=False)[0] <= max(OUT, IN) * R < OUT * IN
 
 
 def test_ggpo_row_std_formula():
@@ -391,7 +376,7 @@ def test_noise_is_drawn_one_block_of_rows_at_a_time(monkeypatch):
     noise = whole - w - 0.5 * b @ a
     assert not torch.allclose(noise[5:10], noise[:5])  # distinct seeds per block
     x = torch.randn(3, IN, dtype=D, requires_grad=True)
-    with _LargestOutputs() as seen:
+    with LargestCreated() as seen:
         y = P.perturbed_linear(x.float(), w, None, std, 7, a.requires_grad_(), b.requires_grad_(), 0.5)
         dx, da = torch.autograd.grad(y.pow(2).sum(), (x, a))
     assert seen.largest[torch.float32] < OUT * IN
