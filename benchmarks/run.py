@@ -6,9 +6,12 @@ prose (Python's reference manual, `pydoc_data`) for the same steps, batches and 
 is evaluated on manual topics it never saw. Every adapter has PEFT LoRA's trainable count (r=8).
 Per setup: trainable parameters, bytes saved for backward, bytes of weights, gradients and AdamW
 state, step time (median), adapter file bytes and eval loss; with `--device cuda` also the CUDA
-peak and tokens/s. Then the true peak memory of a training step per method (benchmarks/peak.py). Each is also divided by LoRA's: the ratios are the headline, not the times.
+peak and tokens/s; then LoRA-GGPO's overhead by micro-batch size and SLTrain's pretraining. Each is also
+divided by LoRA's: the ratios are the headline, not the times. Three sections of the page come from other
+scripts (decoding: serving.py, the sparse products: csr_timings.py, the true step peak: peak.py) and are
+restated by hand from their output: rewriting an existing page keeps them as they are.
 
-    python benchmarks/run.py                          # CPU, a few minutes; writes docs/benchmarks.md
+    python benchmarks/run.py                          # CPU, about ten minutes; rewrites docs/benchmarks.md
     python benchmarks/run.py --quick --out /tmp/x.md  # a tiny model: every stage in well under a minute
     python benchmarks/run.py --device cuda --hidden 1024 --layers 8 --out /tmp/gpu.md
 """
@@ -21,6 +24,7 @@ import datetime
 import gc
 import os
 import platform
+import re
 import statistics
 import sys
 import sysconfig
@@ -85,7 +89,8 @@ def method_kwargs(name: str, budget: Budget) -> dict:
     """SparseConfig fields that give method `name` LoRA's trainable count."""
     if METHODS[name].target_roles:  # the method picks its own layers (S²FT: o_proj, down_proj): LoRA's total over them
         # whole heads pooled over the layers: on a model with few layers, one head per layer would be far more
-        # than LoRA's count (1.6x on benchmarks/peak.py's 2-layer wide model; 1.17x pooled)
+        # than LoRA's count (1.6x on benchmarks/peak.py's 2-layer wide model); pooled, the FFN channels take a
+        # head's rounding back and the total is LoRA's
         return dict(num_trainable=budget.lora, allocation="global")
     fields = dict(lora_budget(name, R), target_modules=TARGETS)  # LoRA's rank, shared with a low-rank part if any
     if any(f.name == "warmup_steps" for f in knob_fields(METHODS[name])):
@@ -569,49 +574,6 @@ def main_table_ggpo(rows: list[dict], args) -> str:
             "repeated runs on this machine gave 0.95-1.00 there and 0.97-1.01 here at 1,024 tokens.")
 
 
-def decode_rows(args) -> list[dict]:
-    """Greedy decoding, one token per forward, with each adapter left unmerged (as in evaluation
-    loops and RL rollouts), against the bare base. A wider model than the training rows (4x the
-    hidden size, 2 layers, random weights: only time is measured), where the cost of a weight pass
-    shows over Python's per-op overhead."""
-    hidden = 4 * args.hidden
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.6875), num_hidden_layers=2,
-                         num_attention_heads=8, num_key_value_heads=4, vocab_size=256,
-                         max_position_embeddings=args.seq)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(config).eval().to(args.device)
-    budget = target_budget(base)
-    prompt = torch.randint(0, 256, (1, 16), device=args.device)
-    new_tokens = 8 if args.quick else 32
-    by_name = {s.name: s for s in specs()}
-    models = {"base": base}
-    for name in ("PEFT LoRA", *METHODS):
-        cfg = by_name[name].config(budget)
-        model = get_peft_model(copy.deepcopy(base), cfg).eval()
-        if isinstance(cfg, SparseConfig) and cfg.selection in ACTIVATION_RULES:
-            calibrate(model, [prompt], progress=False)
-        models[name] = model
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for round_ in range(8):  # the first round warms up; the setups take turns (decoding times swing ±20%)
-            for name, model in models.items():
-                start = time.perf_counter()
-                model.generate(input_ids=prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                               do_sample=False, pad_token_id=0)
-                if args.device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                if round_:
-                    times[name].append((time.perf_counter() - start) / new_tokens)
-    shape = f"hidden {hidden}, intermediate {config.intermediate_size}, 2 layers"
-    return [dict(name=name, shape=shape, s=statistics.median(t)) for name, t in times.items()]
-
-
-def decode_table(rows: list[dict]) -> str:
-    base, lora = rows[0]["s"], next(r["s"] for r in rows if r["name"] == "PEFT LoRA")
-    body = [[r["name"], f"{r['s'] * 1e3:.2f}", f"{r['s'] / base:.2f}", f"{r['s'] / lora:.2f}"] for r in rows]
-    return f"Model: {rows[0]['shape']}.\n\n" + markdown(["setup", "ms per token", "/ base", "/ PEFT LoRA"], body)
-
-
 def pretraining_table(rows: list[dict]) -> str:
     full = rows[0]
     body = [[r["name"], f"{r['params']:,}", f"{r['state'] / MiB:.2f}", f"{r['saved'] / MiB:.2f}",
@@ -622,7 +584,7 @@ def pretraining_table(rows: list[dict]) -> str:
 
 
 def report(rows, check, args, shape: str, pretrain_loss: float, seconds: float, pretraining: str = "",
-           ggpo: str = "", decode: str = "", peak: str = "") -> str:
+           ggpo: str = "") -> str:
     cuda = args.device.startswith("cuda")
     main, ratios = tables(rows, cuda)
     check_table = (markdown(["down_proj of layer 0", "MiB"], [[n, f"{b / MiB:.3f}"] for n, b in check])
@@ -633,9 +595,14 @@ def report(rows, check, args, shape: str, pretrain_loss: float, seconds: float, 
     cuda_columns = ("\n\n*Peak CUDA* is `torch.cuda.max_memory_allocated()` over the training steps, each setup run "
                     "alone (reset after the saved-for-backward pass); *tokens/s* is the tokens of one batch divided "
                     "by the median step." if cuda else "")
+    decode = restated("Decoding with the adapter unmerged", "serving.py", "decoding time per token against LoRA's")
+    csr = restated("The CSR product, layer by layer", "csr_timings.py", "the sparse products' timings")
+    peak = restated("True peak memory of a training step", "peak.py", "each method's step peak against LoRA's")
     return f"""# Benchmarks: memory, speed and a fixed training budget
 
-Generated by `benchmarks/run.py`; do not edit by hand.
+Generated by `benchmarks/run.py`, except the sections that say they are restated from another script's
+output (decoding, the CSR products, the true step peak): run.py keeps those as they are when it rewrites
+this page.
 
 - Command: `{" ".join(["python benchmarks/run.py", *sys.argv[1:]])}` ({seconds / 60:.1f} minutes)
 - Machine: {machine(args.device)}
@@ -731,17 +698,7 @@ values (`index_put_` / `index_add_`).
 
 {switch_table(rows)}
 
-## Decoding with the adapter unmerged
-
-Greedy generation of one sequence, one token per forward (a 16-token prompt, then the timed new
-tokens; median of 7 rounds after a warm-up, the setups taking turns), with each adapter left
-unmerged as in an evaluation loop or an RL rollout; merged, every adapter runs at the base's speed.
-With few tokens per forward an unstructured update is a gather over its support and a scatter-add
-(`ops.product_mode`), not a scratch copy of the weight; a low-rank part is two thin products.
-
-{decode or "(not run)"}
-
-## LoRA-GGPO's overhead and tokens per micro-batch
+{decode}{csr}## LoRA-GGPO's overhead and tokens per micro-batch
 
 PEFT LoRA and `lora_ggpo` (same rank, same batches, taking turns), median step over {3 * args.gc_steps} steps after
 {WARMUP} warm-up steps, at several batch sizes of {args.seq}-token sequences. GGPO's noise is one Gaussian draw of
@@ -752,27 +709,7 @@ bandwidth-bound Philox kernel. {main_table_ggpo(rows, args)}
 
 {ggpo or "(not run)"}
 
-## True peak memory of a training step
-
-*Saved for backward* above leaves out what a step forms and drops: the scratch copy of a weight in
-the fused one-GEMM path (SpIEL, SaRA, DSEE and SLTrain on fp32 `nn.Linear` layers) and in LoRA-GGPO,
-the dense blocks of the weight gradient dyᵀx that the unstructured update forms above
-`ops.SPARSE_KERNEL_BELOW_DENSITY` (for layers up to 2²² entries, the whole out × in), SpIEL's
-gradient probe, SaRA's dense ΔW for its nuclear-norm penalty, the optimizer's temporaries. These
-tables count them: `sparse_peft.memory.peak_memory` replays every allocation of torch's allocator
-during one step (forward, backward, the method's schedule, AdamW, `zero_grad(set_to_none=True)`) and
-reports the most bytes held at once beyond what existed before it (weights, adapters, AdamW state).
-Exact byte counts, independent of load; produced by `python benchmarks/peak.py` (also alone, about
-two minutes on this machine), random weights, each method at PEFT LoRA r=8's trainable count as
-above (the 2-layer wide model's S²FT rounds up to one head per layer). Step 1 opens SpIEL's first
-gradient window, when its probe forms each layer's dense gradient in blocks; steps 2-3 are the
-steady state. With many tokens the activations dominate and the transients hide under them; with
-few tokens or wide layers the scratch weights and gradient blocks set the peak. The last table
-takes one layer at a time, path by path (docs/memory.md states what each forms).
-
-{peak or "(not run)"}
-
-## Pretraining from scratch: SLTrain against full rank
+{peak}## Pretraining from scratch: SLTrain against full rank
 
 SLTrain's own setting (`sparse_peft.pretraining.convert`): the same model shape trained from random
 weights, every block linear replaced by (α/r)·B·A + S, against the plain full-rank model; embeddings,
@@ -797,15 +734,23 @@ A setup that fails is reported here and left out of the numbers; the other setup
 """
 
 
-def load_peak():
-    """benchmarks/peak.py, loaded by path (this folder is kept off sys.path, see the imports)."""
-    import importlib.util
+RESTATED = "<!-- restated by hand from the output of `python benchmarks/"  # a section another script owns
 
-    spec = importlib.util.spec_from_file_location("benchmarks_peak", Path(__file__).with_name("peak.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("benchmarks_run", sys.modules[__name__])  # peak.py uses this module, not a second copy
-    spec.loader.exec_module(module)
-    return module
+
+def restated(heading: str, script: str, what: str) -> str:
+    """A section of the page that another script measures: run.py writes its heading and a marker, and keeps the
+    page's own text of it (restated by hand from that script's output) when it rewrites an existing page."""
+    return (f"## {heading}\n\n{RESTATED}{script}`; benchmarks/run.py keeps this section -->\n\n"
+            f"(not measured by run.py: run `python benchmarks/{script}` for {what}, and restate its tables here)\n\n")
+
+
+def keep_restated(new: str, old: str) -> str:
+    """`new` with each section that another script owns taken from `old`, the page it replaces, where `old` has it."""
+    def split(page: str) -> list[str]:
+        return re.split(r"(?m)^(?=## )", page)
+
+    kept = {chunk.split("\n", 1)[0]: chunk for chunk in split(old) if RESTATED in chunk}
+    return "".join(kept.get(chunk.split("\n", 1)[0], chunk) if RESTATED in chunk else chunk for chunk in split(new))
 
 
 def main() -> None:
@@ -869,16 +814,14 @@ def main() -> None:
         kept.update(group_kept)
     check = layer_check(kept, args) if len(kept) == 2 else None
 
-    print("decoding with each adapter unmerged", file=sys.stderr)
-    decode = decode_table(decode_rows(args))
     print("LoRA-GGPO against LoRA at several micro-batch sizes", file=sys.stderr)
     ggpo = ggpo_overhead_table(ggpo_overhead_rows(base, budget, train, args))
     print("pretraining from scratch: full rank and SLTrain", file=sys.stderr)
     pretraining = pretraining_table(pretraining_rows(args))
-    print("true peak memory of a training step", file=sys.stderr)
-    peak = load_peak().section(wide=not args.quick, device=args.device)
-    text = report(rows, check, args, shape, pretrain_loss, time.perf_counter() - started, pretraining, ggpo, decode,
-                  peak)
+    text = report(rows, check, args, shape, pretrain_loss, time.perf_counter() - started, pretraining, ggpo)
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            text = keep_restated(text, f.read())
     print(text)
     if not args.no_write:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
