@@ -561,7 +561,10 @@ class SparseLayer(BaseTunerLayer):
         LoRA layer is the yardstick: `python benchmarks/serving.py --forward`). The kept Delta is used only while
         every tensor the adapter stores on this layer is the very one it was made from, unwritten since (their
         versions), and the scales are unchanged: a reload, a regrowth, an optimizer step, a new or deleted part,
-        SaRA's frozen slots each make a new one."""
+        SaRA's frozen slots each make a new one. Not while torch.compile traces: a captured graph has no per-call
+        Python to save, and the check reads tensor versions, on which Dynamo cannot always guard."""
+        if torch.compiler.is_compiling():
+            return None
         plan = self.__dict__.setdefault("_sparse_decode", {}).get(name)
         if plan is None or not plan.holds(self, name):
             plan = self._sparse_decode[name] = _DecodePlan(self, name)
