@@ -7,7 +7,7 @@ import torch
 from peft import get_peft_model
 
 import sparse_peft
-from sparse_peft import METHODS, SparseConfig
+from sparse_peft import METHODS
 
 from .conftest import method_config
 
