@@ -542,28 +542,36 @@ class SparseConfig(PeftConfig):
         pool (allocation="global"): each layer's share summed, plus `extra` (what pools rounded before this one
         left over, in this pool's units; negative where they took more), then rounded to whole groups once, at
         least one group in the pool rather than in every layer. One key: a layer's own budget."""
-        size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
         k = self.pool_share(structure, out_features, in_features, module_keys) + extra
-        units = min(size * len(module_keys) // group, max(1, round(k / group)))
+        units = min(_units(structure, out_features, in_features) * len(module_keys) // group, max(1, round(k / group)))
         return units * group
 
     def pool_share(self, structure: str, out_features: int, in_features: int, module_keys: list[str]) -> float:
         """The layers' budgets summed before any rounding, in entries, rows or columns."""
-        size = {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
-        return sum(self._share(structure, out_features, in_features, key, size) for key in module_keys)
+        return sum(self._share(structure, out_features, in_features, key) for key in module_keys)
 
-    def _share(self, structure: str, out_features: int, in_features: int, module_key: str, size: int) -> float:
+    def _share(self, structure: str, out_features: int, in_features: int, module_key: str) -> float:
         """A layer's budget before rounding to whole groups."""
         own = self.method_impl.budget(self, structure, out_features, in_features)
         if own is not None:  # the method counts its own units (e.g. PaCA's r columns)
             k = own
         elif self.equivalent_rank is not None:
             # what a LoRA of that rank trains, less what our own low-rank part already does
-            per_unit = {"unstructured": 1, "rows": in_features, "columns": out_features}[structure]
-            k = (self.equivalent_rank - self.r) * (in_features + out_features) / per_unit
+            k = (self.equivalent_rank - self.r) * (in_features + out_features) / unit_size(structure, out_features,
+                                                                                           in_features)
         else:
-            k = self.density_for(module_key) * size
+            k = self.density_for(module_key) * _units(structure, out_features, in_features)
         return k
+
+
+def _units(structure: str, out_features: int, in_features: int) -> int:
+    """How many entries, rows or columns a layer of this shape has."""
+    return {"unstructured": out_features * in_features, "rows": out_features, "columns": in_features}[structure]
+
+
+def unit_size(structure: str, out_features: int, in_features: int) -> int:
+    """The parameters in one unit of a layer of this shape: an entry, a row (in_features), a column (out_features)."""
+    return {"unstructured": 1, "rows": in_features, "columns": out_features}[structure]
 
 
 _FIELDS = {f.name for f in dataclasses.fields(SparseConfig)}

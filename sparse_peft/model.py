@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import architectures, files, schedule
 from ._peft import PREFIX
-from .config import SparseConfig
+from .config import SparseConfig, unit_size
 from .delta import INDICES, index_dtype
 from .full import full, gathered
 from .layer import Conv2d, Linear, SparseLayer, adapter_layers
@@ -362,18 +362,18 @@ class SparseModel(BaseTuner):
         # One total over the roles: the pools are rounded coarsest unit first, and each later pool makes up what
         # the ones before rounded away (a whole head of o_proj taken back from the FFN channels), in parameters.
         # A density given per role (module_density) is each role's own: nothing moves between roles then.
-        def unit(pool) -> int:  # the parameters of one row (in_features) or one column (out_features)
-            out_features, in_features = pool[1]
-            return in_features if config.structure == "rows" else out_features
+        def coarsest_first(item) -> int:  # minus the parameters of one whole group of the pool's units
+            (_, shape, group), _ = item
+            return -unit_size(config.structure, *shape) * group
 
         carry = 0.0  # parameters that the pools rounded so far left over (negative: they took more than their share)
-        for pool, keys in sorted(pools.items(), key=lambda item: -unit(item[0]) * item[0][2]):
-            role, shape, group = pool
+        for (role, shape, group), keys in sorted(pools.items(), key=coarsest_first):
             members = [layers[key] for key in keys]
+            unit = unit_size(config.structure, *shape)
             # the layers' shares pooled, rounded to whole units once (a layer may get none), spread by score
-            k = config.pool_budget(config.structure, *shape, keys, group, carry / unit(pool))
+            k = config.pool_budget(config.structure, *shape, keys, group, carry / unit)
             if not config.module_density:
-                carry += (config.pool_share(config.structure, *shape, keys) - k) * unit(pool)
+                carry += (config.pool_share(config.structure, *shape, keys) - k) * unit
             supports = select_global(
                 config.selection, config.structure, k, shape, module_seed(config.seed, role),
                 [m._base_weight_2d for m in members], group,

@@ -217,14 +217,15 @@ def nuclear_subgradient(delta, rank: Optional[int] = None,
     try:
         eigenvalues, v = torch.linalg.eigh(gram)
     except torch.linalg.LinAlgError:
+        eigenvalues = None
+    del gram  # not alive through the SVD nor the second pass
+    if eigenvalues is None:
         warnings.warn(f"SaRA's nuclear norm: eigh did not converge on a {delta.out_features} x {delta.in_features} "
                       "update (many repeated singular values); this step used the full SVD of the dense update "
                       "instead (about 3.4x the layer's fp32 weight). nuclear_norm_rank avoids both.", stacklevel=3)
-        del gram
         return _by_svd(delta)
-    del gram
     sigma = eigenvalues.clamp_(min=0).sqrt_()
-    keep = sigma > sigma.max() * GRAM_RESOLVES if sigma.max() > 0 else torch.zeros_like(sigma, dtype=torch.bool)
+    keep = sigma > sigma.max() * GRAM_RESOLVES  # at ΔW = 0 nothing: the subgradient is 0
     v = v[:, keep]
     factor = (v / sigma[keep]) @ v.t()  # V Σ⁻¹ Vᵀ, m × m
     del v

@@ -368,3 +368,22 @@ def test_the_gram_subgradient_forms_nothing_of_the_weights_size():
     zero = Delta(40, 30, values=torch.zeros(50), indices=torch.arange(0, 100, 2, dtype=torch.int32))
     norm, parts = nuclear_subgradient(zero, gram_above=0)
     assert norm == 0 and not parts["sparse_values"].any()
+
+
+def test_the_gram_subgradient_falls_back_to_the_svd_with_a_warning(monkeypatch):
+    # eigh failing to converge (many repeated eigenvalues) is said, and the step takes the exact full SVD instead
+    from sparse_peft.methods import sara
+
+    g = torch.Generator().manual_seed(2)
+    flat = torch.randperm(300 * 120, generator=g)[:2000].sort().values.int()
+    delta = Delta(300, 120, values=torch.randn(2000, generator=g) * 1e-3, indices=flat)
+
+    def fails(_):
+        raise torch.linalg.LinAlgError("did not converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", fails)
+    with pytest.warns(UserWarning, match="eigh did not converge on a 300 x 120 update"):
+        norm, parts = sara.nuclear_subgradient(delta, gram_above=0)
+    want_norm, want_parts = sara._by_svd(delta)
+    assert norm == want_norm
+    torch.testing.assert_close(parts["sparse_values"], want_parts["sparse_values"])
